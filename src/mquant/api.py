@@ -1,0 +1,154 @@
+"""The verbs: `quantize(model, recipe, calib=...)`, `save_quantized`, `load_quantized`."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .calib.capture import capture_inputs
+from .calib.sequential import SequentialCalibrator
+from .config import CalibConfig, Recipe, recipe_for
+from .errors import CalibrationError
+from .models.base import ModelAdapter
+from .models.registry import get_adapter
+from .quant.modality import ModalityContext, attach_modality_hook
+from .quant.swap import wrap_linears
+from .report import QuantReport
+from .transforms.pipeline import steps_for
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | None = None,
+    calib: CalibConfig | Sequence[dict] | None = None,
+    *,
+    processor: Any = None,
+    progress: Callable[[str, int], None] | None = None,
+    adapter: ModelAdapter | None = None,
+) -> QuantReport:
+    """Quantize every linear layer of a VLM (vision tower, projector, language model) in place.
+
+    `calib` is a CalibConfig (samples are built with `processor`) or a list of ready model-input
+    dicts (one sample each). Returns the report; the model afterwards runs quantized.
+    """
+    recipe = recipe or recipe_for("rtn", "w8a8")
+    adapter = adapter or get_adapter(model)
+    spec = adapter.validate(model)
+    samples = _calibration_samples(calib, processor, model)
+    masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
+    if not any(bool(m.any()) for m in masks):
+        raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
+    start = time.perf_counter()
+    model.eval()
+    transform_info: dict[str, Any] = {}
+    with torch.no_grad():
+        for step in steps_for(recipe, "float"):
+            transform_info[step.name] = step.run(model, adapter, spec, recipe)
+            spec = adapter.validate(model)
+        ctx = ModalityContext()
+        wrap_linears(model, spec, ctx)
+        spec = adapter.validate(model)
+        for step in steps_for(recipe, "online"):
+            transform_info[step.name] = step.run(model, adapter, spec, recipe)
+        hooks = [step.run for step in steps_for(recipe, "pre_quant")]
+        calibrator = SequentialCalibrator(recipe, ctx, progress, hooks)
+        stages = [
+            ("vision", list(spec.vision.blocks), spec.vision.blocks[0].module, recipe.vision, False),
+            ("projector", [spec.projector], spec.projector.module, recipe.vision, False),
+            ("language", list(spec.language.blocks), spec.language.blocks[0].module, recipe.language, True),
+        ]
+        for part, blocks, first, scheme, uses_masks in stages:
+            inputs = capture_inputs(model, first, samples)
+            calibrator.run_blocks(blocks, inputs, scheme, part, masks if uses_masks else None)
+        model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
+        for step in steps_for(recipe, "post"):
+            transform_info[step.name] = step.run(model, adapter, spec, recipe)
+    model.mquant_recipe = recipe
+    return QuantReport(
+        model=type(model).__name__,
+        recipe=recipe.to_dict(),
+        calibration=_describe_calibration(calib, len(samples)),
+        layers=calibrator.records,
+        seconds=time.perf_counter() - start,
+        peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        transforms=transform_info,
+    )
+
+
+def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:
+    if calib is None:
+        calib = CalibConfig()
+    if isinstance(calib, CalibConfig):
+        from .calib.data import build_calibration_inputs
+
+        samples = build_calibration_inputs(calib, processor, model)
+    else:
+        samples = list(calib)
+    if not samples:
+        raise CalibrationError("the calibration set is empty; pass image+prompt samples (--calib DIR|FILE.jsonl, --n-calib N >= 1)")
+    return samples
+
+
+def _describe_calibration(calib: Any, n: int) -> dict[str, Any]:
+    if isinstance(calib, CalibConfig):
+        return {"source": calib.source, "n_samples": n, "seed": calib.seed}
+    return {"source": "user-provided inputs", "n_samples": n}
+
+
+def save_quantized(model: nn.Module, out_dir, processor: Any = None, report: QuantReport | None = None):
+    """Write a quantized model (our format) and, if given, its report, atomically."""
+    from .export.native import save_quantized as _save
+
+    extra = {"calibration": report.calibration} if report is not None else {}
+    return _save(model, out_dir, processor=processor, extra=extra, report=report)
+
+
+def load_quantized(model_dir) -> nn.Module:
+    """Rebuild a model saved by `save_quantized`; its outputs are bit-identical to the saved one."""
+    import transformers
+    from transformers import AutoConfig
+
+    from .errors import CheckpointError
+    from .export.native import read_meta, read_tensors, restore_quantized_layers
+    from .quant.quantizer import unpack_int4
+    from .transforms.structure import apply_structure
+
+    meta = read_meta(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}/config.json is missing or invalid ({str(exc).splitlines()[0][:100]})") from exc
+    model_cls = getattr(transformers, meta.get("model_class", ""), None)
+    if model_cls is None:
+        raise CheckpointError(f"{model_dir}: unknown model class {meta.get('model_class')!r}; was it saved by a newer transformers?")
+    tensors = read_tensors(model_dir)
+    model = model_cls._from_config(config, dtype=torch.float32).eval()
+    adapter = get_adapter(model)
+    spec = adapter.validate(model)
+    apply_structure(model, adapter, spec, meta.get("structure", {}))
+    spec = adapter.validate(model)
+    ctx = ModalityContext()
+    wrap_linears(model, spec, ctx)
+    restore_quantized_layers(model, meta["layers"], tensors)
+    layers = meta["layers"]
+    for key in list(tensors):
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "qweight" and owner in layers and layers[owner]["weight_bits"] == 4:
+            tensors[key] = unpack_int4(tensors[key])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{model_dir}: weights do not match the model ({str(exc).splitlines()[1].strip()[:140]})") from exc
+    spec = adapter.validate(model)
+    model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
+    recipe = Recipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
+    model.mquant_recipe = recipe
+    model.mquant_structure = meta.get("structure", {})
+    if recipe is not None:
+        for step in steps_for(recipe, "post"):
+            step.run(model, adapter, spec, recipe)
+    return model

@@ -1,0 +1,136 @@
+"""Calibration samples: image + prompt pairs from the offline default set, a folder, a JSONL file or
+a `datasets` name, encoded into model inputs by the model's processor.
+
+Calibration always comes from *training* data: the default source is the easy-VQA train split,
+never the test split that evaluation scores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import CalibConfig
+from ..errors import CalibrationError, InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+DEFAULT_PROMPT = "Describe the image."
+
+
+@dataclass(frozen=True)
+class CalibPair:
+    image_path: str
+    prompt: str
+
+
+def _default_pairs() -> list[CalibPair]:
+    from ..default_model.easyvqa import load_split
+
+    return [CalibPair(item.image_path, item.question) for item in load_split("train")]
+
+
+def _folder_pairs(folder: Path) -> list[CalibPair]:
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [CalibPair(str(p), DEFAULT_PROMPT) for p in paths]
+
+
+def _jsonl_pairs(path: Path) -> list[CalibPair]:
+    pairs = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image = Path(record["image"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CalibrationError(f"{path}:{line_no}: expected a JSON object with 'image' and 'prompt' ({exc})") from exc
+        if not image.is_absolute():
+            image = path.parent / image
+        pairs.append(CalibPair(str(image), str(record.get("prompt", DEFAULT_PROMPT))))
+    return pairs
+
+
+def _dataset_pairs(name: str, n: int) -> list[CalibPair]:
+    """Online users: a Hugging Face dataset with an image column and a question/prompt column."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError as exc:
+        raise CalibrationError(
+            f"calibration source '{name}' is not a folder or .jsonl file, and `datasets` is not installed to fetch it; "
+            "pip install datasets, or pass a local folder/JSONL"
+        ) from exc
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(name, split=f"train[:{n}]")
+    except Exception as exc:  # network / missing dataset: one line for the user
+        raise CalibrationError(f"could not load dataset '{name}' ({type(exc).__name__}); use a local folder or JSONL offline") from exc
+    cache = Path.home() / ".cache" / "mquant" / "calib" / name.replace("/", "__")
+    cache.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i, row in enumerate(data):
+        image = row.get("image")
+        prompt = row.get("question") or row.get("prompt") or DEFAULT_PROMPT
+        if image is None:
+            continue
+        path = cache / f"{i}.png"
+        image.convert("RGB").save(path)
+        pairs.append(CalibPair(str(path), str(prompt)))
+    return pairs
+
+
+def load_calibration_pairs(config: CalibConfig) -> list[CalibPair]:
+    """`config.n_samples` pairs, chosen with `config.seed` (deterministic)."""
+    source = config.source
+    path = Path(source)
+    if source == "default":
+        pairs = _default_pairs()
+    elif path.is_dir():
+        pairs = _folder_pairs(path)
+    elif path.suffix == ".jsonl":
+        if not path.exists():
+            raise CalibrationError(f"calibration file {path} does not exist; pass an existing .jsonl of image+prompt records")
+        pairs = _jsonl_pairs(path)
+    elif path.exists():
+        raise CalibrationError(f"calibration source {path} is a file but not .jsonl; pass a folder of images or a .jsonl file")
+    else:
+        pairs = _dataset_pairs(source, config.n_samples)
+    if not pairs:
+        raise CalibrationError(f"calibration source '{source}' holds no images; add image files or image+prompt records")
+    rng = random.Random(config.seed)
+    return rng.sample(pairs, min(config.n_samples, len(pairs)))
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"image {path} cannot be decoded ({type(exc).__name__}); remove it or replace it with a valid PNG/JPEG") from exc
+
+
+def encode_pair(processor: Any, image, prompt: str) -> dict:
+    """One model-input dict (batch of 1). Works with our DefaultProcessor and HF processors."""
+    if hasattr(processor, "apply_chat_template"):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        return dict(processor(images=[image], text=[text], return_tensors="pt"))
+    return dict(processor([image], [prompt]))
+
+
+def build_calibration_inputs(config: CalibConfig, processor: Any, model: Any) -> list[dict]:
+    if processor is None:
+        raise CalibrationError("calibration needs the model's processor to encode images and prompts; pass processor=")
+    dtype = next(model.parameters()).dtype
+    samples = []
+    for pair in load_calibration_pairs(config):
+        batch = encode_pair(processor, open_image(pair.image_path), pair.prompt)
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        samples.append(batch)
+    return samples

@@ -1,0 +1,150 @@
+"""Sequential, block-by-block calibration and quantization.
+
+For each block: run it in float on the captured inputs while observers and Hessians watch every
+activation-quantization point; quantize its weights (RTN/GPTQ) and fix its activation scales; run
+the *quantized* block to produce the next block's inputs. Errors of early blocks are therefore seen
+by later ones, and only one block's activations are alive at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Recipe, SchemeConfig
+from ..models.spec import BlockSpec, LinearGroup, ProjectorSpec
+from ..quant.modality import ModalityContext
+from ..quant.qlinear import QuantLinear
+from ..quant.weights import quantize_weight
+from ..report import LayerRecord
+from .capture import BlockInput, block_output
+from .stats import GroupStats
+
+# Hooks that may edit a block between its statistics pass and quantization (SmoothQuant, RMS).
+PreQuantHook = Callable[[BlockSpec | ProjectorSpec, dict[int, GroupStats], list["LayerRecord"]], bool]
+
+
+@dataclass
+class _ErrorProbe:
+    """Accumulates a QuantLinear's output error against its float weights during one pass."""
+
+    float_weight: torch.Tensor
+    float_bias: torch.Tensor | None
+    num: float = 0.0
+    den: float = 0.0
+    act_num: float = 0.0
+    act_den: float = 0.0
+
+    def __call__(self, module: QuantLinear, inputs: tuple, output: torch.Tensor) -> None:
+        x, x0 = module.transform_input(inputs[0].detach())
+        ref = F.linear(x, self.float_weight.to(x.dtype), None if self.float_bias is None else self.float_bias.to(x.dtype))
+        ref = ref + module._rank1(x0)
+        self.num += float((output.detach() - ref).pow(2).sum())
+        self.den += float(ref.pow(2).sum())
+        xq = module.quantize_input(x)
+        self.act_num += float((xq - x).pow(2).sum())
+        self.act_den += float(x.pow(2).sum())
+
+
+@dataclass
+class SequentialCalibrator:
+    recipe: Recipe
+    ctx: ModalityContext
+    progress: Callable[[str, int], None] | None = None
+    pre_quant_hooks: list[PreQuantHook] = field(default_factory=list)
+    records: list[LayerRecord] = field(default_factory=list)
+
+    def run_blocks(
+        self,
+        blocks: list[BlockSpec | ProjectorSpec],
+        inputs: list[BlockInput | None],
+        scheme: SchemeConfig,
+        part: str,
+        masks: list[torch.Tensor | None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Calibrate and quantize `blocks` in order; return the last block's quantized outputs."""
+        masks = masks if masks is not None else [None] * len(inputs)
+        outputs: list[torch.Tensor | None] = []
+        for index, block in enumerate(blocks):
+            outputs = self.process_block(block, inputs, scheme, part, masks)
+            inputs = [None if inp is None else inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
+            if self.progress is not None:
+                self.progress(f"{part} {index + 1}/{len(blocks)}", 1)
+        return outputs
+
+    def _run(self, module: nn.Module, inputs: list[BlockInput | None], masks: list) -> list[torch.Tensor | None]:
+        outs = []
+        with torch.no_grad():
+            for inp, mask in zip(inputs, masks):
+                if inp is None:
+                    outs.append(None)
+                    continue
+                self.ctx.visual_mask = mask
+                outs.append(block_output(module(*inp.args, **inp.kwargs)))
+        self.ctx.visual_mask = None
+        return outs
+
+    def _collect(self, block, inputs, masks, part: str) -> dict[int, GroupStats]:
+        msq = part == "language" and self.recipe.has("msq")
+        stats: dict[int, GroupStats] = {}
+        for gi, group in enumerate(block.groups):
+            stats[gi] = GroupStats(self.recipe.observer, msq, self.recipe.weight_method == "gptq", self.ctx)
+            group.linears[0].module.input_observer = stats[gi]
+        try:
+            self._run(block.module, inputs, masks)
+        finally:
+            for group in block.groups:
+                group.linears[0].module.input_observer = None
+        return stats
+
+    def process_block(self, block, inputs, scheme: SchemeConfig, part: str, masks) -> list[torch.Tensor | None]:
+        records: list[LayerRecord] = []
+        stats = self._collect(block, inputs, masks, part)
+        for hook in self.pre_quant_hooks:
+            if hook(block, stats, records):  # the hook changed the block: observe again
+                stats = self._collect(block, inputs, masks, part)
+        probes: dict[QuantLinear, _ErrorProbe] = {}
+        for gi, group in enumerate(block.groups):
+            self._quantize_group(group, stats[gi], scheme, part, probes, records)
+        handles = [m.register_forward_hook(p) for m, p in probes.items()]
+        try:
+            outputs = self._run(block.module, inputs, masks)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for record in records:
+            probe = next((p for m, p in probes.items() if m.name == record.name), None)
+            if probe is not None and probe.den > 0:
+                record.output_error = (probe.num / probe.den) ** 0.5
+                record.act_error = (probe.act_num / max(probe.act_den, 1e-30)) ** 0.5
+        self.records.extend(records)
+        return outputs
+
+    def _quantize_group(self, group: LinearGroup, stats: GroupStats, scheme, part, probes, records) -> None:
+        act_scale = stats.act_scale() if scheme.act_bits is not None and not scheme.act_dynamic else None
+        hessian = stats.hessian.hessian if stats.hessian is not None else None
+        for ref in group.linears:
+            module: QuantLinear = ref.module
+            weight = module.float_weight_for_quantization()
+            codes, scale = quantize_weight(weight, scheme, self.recipe.weight_method, hessian, self.recipe.gptq)
+            deq = codes.float() * (scale if scale.shape[-1] == 1 else scale.repeat_interleave(weight.shape[1] // scale.shape[1], 1))
+            w_err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
+            probes[module] = _ErrorProbe(weight.clone(), None if module.bias is None else module.bias.detach().clone())
+            module.set_quantized(codes, scale, scheme.weight_bits, scheme.act_bits, scheme.act_dynamic, act_scale)
+            records.append(
+                LayerRecord(
+                    name=module.name,
+                    part=part,
+                    role=group.role,
+                    scheme=scheme.name + ("-dyn" if scheme.act_dynamic else ""),
+                    weight_error=w_err,
+                    act_scale=None if act_scale is None else [float(v) for v in act_scale],
+                    outlier_ratio=stats.outlier_ratio() if stats.absmax_channel is not None else None,
+                    online_hadamard=module.online_hadamard,
+                    rms_split=module.rms_split,
+                )
+            )

@@ -1,0 +1,119 @@
+"""`mquant` command line: thin over `mquant.api`.
+
+Progress goes to stderr; with `--json` the last thing on stdout is one JSON object. Problems a user
+can cause end with `error: <one line>` and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from .errors import MQuantError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fully static W8A8/W4A8 quantization of whole vision-language models (MQuant).")
+err = Console(stderr=True)
+
+MODEL_ARG = typer.Argument(None, help="Hub id, local model directory, or a directory written by `mquant quantize`; default: the offline default model")
+
+
+def emit(payload: dict[str, Any], as_json: bool, human: str | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    elif human is not None:
+        Console().print(human)
+
+
+def _progress():
+    from .progress import BlockProgress
+
+    return BlockProgress(err)
+
+
+@app.command()
+def quantize(
+    model: Optional[str] = MODEL_ARG,
+    scheme: str = typer.Option("w4a8", help="Language-model scheme: w8a8, w4a8, w4a16, w8a16"),
+    vision_scheme: Optional[str] = typer.Option(None, help="Vision tower + projector scheme (default: same as --scheme)"),
+    method: str = typer.Option("mquant", help="rtn | gptq | smoothquant | quarot | mquant"),
+    act: Optional[str] = typer.Option(None, help="static | dynamic (default: static; dynamic for quarot)"),
+    group_size: Optional[int] = typer.Option(None, help="Weight group size (default: per output channel)"),
+    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse"),
+    calib: str = typer.Option("default", help="'default' (easy-VQA train), a folder of images, a .jsonl of image+prompt, or a datasets name"),
+    n_calib: int = typer.Option(32, help="Number of calibration samples"),
+    seed: int = typer.Option(0, help="Calibration sample seed"),
+    out: Path = typer.Option(Path("mquant-out"), help="Output directory (written atomically)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
+) -> None:
+    """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
+    from .config import CalibConfig, recipe_for
+    from .pipeline import quantize_and_save
+
+    recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
+    calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed)
+    report = quantize_and_save(model, recipe, calib_cfg, out, progress=_progress())
+    payload = {"out": str(out), "method": method, "scheme": recipe.language.name, "vision_scheme": recipe.vision.name,
+               "seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes, "summary": report.summary()}
+    emit(payload, as_json, f"wrote {out} ({report.seconds:.1f} s); report: {out}/report.md")
+
+
+@app.command()
+def info(model: Optional[str] = MODEL_ARG, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show the adapter's view of MODEL: towers, blocks, linear groups, norms, quantization state."""
+    from .models.loading import load_any
+    from .models.registry import get_adapter
+    from .inspect_model import describe
+
+    loaded = load_any(model)
+    payload = describe(loaded.model, get_adapter(loaded.model))
+    payload["source"] = loaded.source
+    payload["quantized"] = loaded.quantized
+    emit(payload, as_json, json.dumps(payload, indent=2))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = MODEL_ARG,
+    task: str = typer.Option("easy-vqa", help="easy-vqa | fidelity | perplexity | textvqa | docvqa | ocrbench | mme"),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N questions"),
+    data: Optional[Path] = typer.Option(None, help="Local benchmark data (file or folder) for textvqa/docvqa/ocrbench/mme"),
+    reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
+    batch_size: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate a float or quantized model."""
+    from .eval.harness import run_eval
+
+    result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err)
+    emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MQuantError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except MemoryError:
+        err.print("error: out of memory; use fewer calibration samples (--n-calib) or a machine with more memory", markup=False)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

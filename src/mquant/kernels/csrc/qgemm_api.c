@@ -1,0 +1,136 @@
+/* Exported C ABI of the mquant integer kernels (loaded with ctypes: raw pointers, no Python or
+ * torch headers at build time).  Runtime CPU-feature dispatch picks AVX-512 VNNI, AVX2 (4-bit) or
+ * portable C; OpenMP splits rows (quantizer) and 48-column panels (GEMM) over threads. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "qgemm.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MQ_EXPORT __attribute__((visibility("default")))
+#define MQ_ABI_VERSION 1
+/* Below this many multiply-adds a second thread costs more (fork/join, or waiting for a busy
+ * core) than it saves. */
+#define MQ_PARALLEL_MIN_MACS (1LL << 20)
+
+enum { MQ_ISA_SCALAR = 0, MQ_ISA_AVX2 = 1, MQ_ISA_AVX512VNNI = 2 };
+enum { MQ_OK = 0, MQ_E_ISA = -1, MQ_E_ARGS = -2, MQ_E_NOMEM = -3 };
+
+MQ_EXPORT int mq_abi_version(void) { return MQ_ABI_VERSION; }
+
+MQ_EXPORT int mq_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Best level this CPU (and OS: __builtin_cpu_supports checks XCR0 state) can run. */
+MQ_EXPORT int mq_isa(void)
+{
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return MQ_ISA_AVX512VNNI;
+    if (__builtin_cpu_supports("avx2")) return MQ_ISA_AVX2;
+#endif
+    return MQ_ISA_SCALAR;
+}
+
+static int resolve_isa(int isa)
+{
+    const int best = mq_isa();
+    return isa < 0 ? best : (isa > best ? MQ_E_ISA : isa);
+}
+
+static mq_quant_fn quant_fn(int isa)
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == MQ_ISA_AVX512VNNI) return mq_quant_avx512;
+#endif
+    return mq_quant_scalar;
+}
+
+static mq_panel_fn panel_fn(int isa)
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == MQ_ISA_AVX512VNNI) return mq_panel_avx512;
+    if (isa == MQ_ISA_AVX2) return mq_panel_avx2;
+#endif
+    return mq_panel_scalar;
+}
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+
+static int threads_for(int64_t macs, int nthreads) { return macs >= MQ_PARALLEL_MIN_MACS && nthreads > 1 ? nthreads : 1; }
+
+/* Activation codes only (for the oneDNN / FBGEMM / _int_mm backends and tests). */
+MQ_EXPORT int mq_quantize(const float *x, int64_t M, int64_t K, int64_t K_pad, const float *scale_in,
+                          float *sx, int8_t *xq, int32_t *corr, int64_t G, int64_t gk, int32_t zp,
+                          int flip, int nthreads, int isa)
+{
+    isa = resolve_isa(isa);
+    if (isa < 0) return MQ_E_ISA;
+    if (M < 0 || K <= 0 || K_pad < K || G < 1 || gk < 1 || (corr && G * gk < K)) return MQ_E_ARGS;
+    const mq_quant_fn fn = quant_fn(isa);
+    const int nt = threads_for(M * K * 16, nthreads);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int t = 0; t < nt; t++)
+        fn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, sx, xq, corr, G, gk, zp, flip);
+    return MQ_OK;
+}
+
+static int check_gemm_args(int64_t M, int64_t K, int bits, int64_t N, int64_t N_pad, int64_t K_pad,
+                           int64_t G, int64_t gk, const float *ra, const float *rb)
+{
+    if (bits != 4 && bits != 8) return 0;
+    if (M < 0 || N <= 0 || K <= 0 || K_pad < K || K_pad % 8 || N_pad < N || N_pad % MQ_COLS) return 0;
+    if (G < 1 || G * gk != K_pad || (G > 1 && gk % 16) || gk % 8) return 0;
+    return (ra == NULL) == (rb == NULL);
+}
+
+/* Fused: quantize x [M][K] (static per-row scales, or dynamic when scale_in == NULL) and run the
+ * integer GEMM against the packed weight; y [M][N] float32.  Returns 0 or a negative MQ_E_*. */
+MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale_in, const uint8_t *wp,
+                        int bits, int64_t N, int64_t N_pad, int64_t K_pad, int64_t G, int64_t gk,
+                        const float *ws, const float *bias, const float *ra, const float *rb, float *y,
+                        float *sx_out, int nthreads, int isa)
+{
+    isa = resolve_isa(isa);
+    if (isa < 0) return MQ_E_ISA;
+    if (!check_gemm_args(M, K, bits, N, N_pad, K_pad, G, gk, ra, rb)) return MQ_E_ARGS;
+    if (M == 0) return MQ_OK;
+    int8_t *xq = alloc64((size_t)(M * K_pad));
+    int32_t *corr = alloc64((size_t)(M * G) * sizeof(int32_t));
+    float *sx = sx_out ? sx_out : alloc64((size_t)M * sizeof(float));
+    if (!xq || !corr || !sx) {
+        free(xq), free(corr);
+        if (!sx_out) free(sx);
+        return MQ_E_NOMEM;
+    }
+    const mq_gemm_args args = {xq, corr, sx, wp, ws, bias, ra, rb, y, M, N, N_pad, K_pad, G, gk, bits};
+    const mq_quant_fn qfn = quant_fn(isa);
+    const mq_panel_fn pfn = panel_fn(isa);
+    const int32_t zp = bits == 4 ? 8 : 128;
+    const int64_t nblocks = N_pad / MQ_COLS, npanels = (nblocks + 2) / 3;
+    const int nt = threads_for(M * N * K, nthreads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < nt; t++)
+            qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, sx, xq, corr, G, gk, zp, 0);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < npanels; p++)
+            pfn(&args, 3 * p, (int)(nblocks - 3 * p < 3 ? nblocks - 3 * p : 3));
+    }
+    free(xq);
+    free(corr);
+    if (!sx_out) free(sx);
+    return MQ_OK;
+}

@@ -1,0 +1,184 @@
+/* AVX-512 VNNI level: register-blocked VPDPBUSD micro-kernels for 4-bit (unpacked in register) and
+ * 8-bit weights, and the fused activation quantizer.  Only called after the runtime check in
+ * qgemm_api.c, so this file is compiled for AVX-512 while the rest of the library is not. */
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
+
+#include <immintrin.h>
+#include <string.h>
+
+#include "qgemm.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define MR_MAX 8 /* rows per tile: 8 x 3 ZMM accumulators + 4 work registers fit in 32 */
+#define NB_MAX 3 /* 16-column blocks per tile (48 columns) */
+
+ALWAYS_INLINE __m512i bcast4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4); /* folds into VPDPBUSD's {1to16} memory operand */
+    return _mm512_set1_epi32(v);
+}
+
+ALWAYS_INLINE __mmask16 col_mask(const mq_gemm_args *a, int64_t n0)
+{
+    const int64_t left = a->N - n0;
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* One MR x (16*NB) output tile over the full K.  MR, NB, BITS are compile-time constants after
+ * inlining, so acc[][] lives in registers.  DUAL (few rows) splits the two halves of each step
+ * into independent accumulators: at M=1 a single chain would be bound by VPDPBUSD latency. */
+ALWAYS_INLINE void tile(const mq_gemm_args *a, int64_t m0, int64_t cb0, const int MR, const int NB,
+                        const int BITS)
+{
+    const int DUAL = MR <= 4;
+    const int64_t line_k = BITS == 4 ? 8 : 4;
+    const int64_t lines = a->K_pad / line_k, glines = a->gk / line_k;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const uint8_t *bp[NB_MAX];
+    const int8_t *xr[MR_MAX];
+    __m512 f[MR_MAX][NB_MAX];
+    for (int j = 0; j < NB; j++) bp[j] = a->wp + (cb0 + j) * lines * 64;
+    for (int i = 0; i < MR; i++) xr[i] = a->xq + (m0 + i) * a->K_pad;
+
+    for (int64_t g = 0; g < a->G; g++) {
+        __m512i acc[MR_MAX][NB_MAX], acc2[MR_MAX][NB_MAX];
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++)
+#pragma GCC unroll 3
+            for (int j = 0; j < NB; j++) acc[i][j] = acc2[i][j] = _mm512_setzero_si512();
+        /* one iteration = 8 k values: a 64-byte line (4-bit) or two lines (8-bit) per block */
+        for (int64_t l = g * glines; l < (g + 1) * glines; l += 8 / line_k) {
+            const int64_t k = l * line_k;
+#pragma GCC unroll 3
+            for (int j = 0; j < NB; j++) {
+                __m512i w0, w1;
+                if (BITS == 4) {
+                    const __m512i p = _mm512_loadu_si512(bp[j] + l * 64);
+                    w0 = _mm512_and_si512(p, m4);
+                    w1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+                } else {
+                    w0 = _mm512_loadu_si512(bp[j] + l * 64);
+                    w1 = _mm512_loadu_si512(bp[j] + l * 64 + 64);
+                }
+#pragma GCC unroll 8
+                for (int i = 0; i < MR; i++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w0, bcast4(xr[i] + k));
+#pragma GCC unroll 8
+                for (int i = 0; i < MR; i++) {
+                    if (DUAL) acc2[i][j] = _mm512_dpbusd_epi32(acc2[i][j], w1, bcast4(xr[i] + k + 4));
+                    else acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w1, bcast4(xr[i] + k + 4));
+                }
+            }
+        }
+        /* group flush: t = float(acc - ZP*rowsum) * s_w[g, n];  f = f + t */
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            const __m512i corr = _mm512_set1_epi32(a->corr[(m0 + i) * a->G + g]);
+#pragma GCC unroll 3
+            for (int j = 0; j < NB; j++) {
+                __m512i s = DUAL ? _mm512_add_epi32(acc[i][j], acc2[i][j]) : acc[i][j];
+                const __m512 ws = _mm512_loadu_ps(a->ws + g * a->N_pad + (cb0 + j) * 16);
+                const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, corr)), ws);
+                f[i][j] = g ? _mm512_add_ps(f[i][j], t) : t;
+            }
+        }
+    }
+    /* epilogue, same operation order as mq_store_scalar: ((f * s_x) + bias) + a*b */
+    for (int i = 0; i < MR; i++) {
+        const int64_t m = m0 + i;
+        const __m512 sx = _mm512_set1_ps(a->sx[m]);
+        for (int j = 0; j < NB; j++) {
+            const int64_t n0 = (cb0 + j) * 16;
+            const __mmask16 mk = col_mask(a, n0);
+            __m512 o = _mm512_mul_ps(f[i][j], sx);
+            if (a->bias) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(mk, a->bias + n0));
+            if (a->ra)
+                o = _mm512_add_ps(o, _mm512_mul_ps(_mm512_set1_ps(a->ra[m]), _mm512_maskz_loadu_ps(mk, a->rb + n0)));
+            _mm512_mask_storeu_ps(a->y + m * a->N + n0, mk, o);
+        }
+    }
+}
+
+#define TILE_NB(MR, BITS)                                   \
+    switch (nb) {                                           \
+    case 1: tile(a, m0, cb0, MR, 1, BITS); break;           \
+    case 2: tile(a, m0, cb0, MR, 2, BITS); break;           \
+    default: tile(a, m0, cb0, MR, 3, BITS); break;          \
+    }
+
+#define TILE_ALL(BITS)                                                      \
+    do {                                                                    \
+        for (; m0 + MR_MAX <= a->M; m0 += MR_MAX) { TILE_NB(8, BITS) }      \
+        switch (a->M - m0) {                                                \
+        case 1: TILE_NB(1, BITS) break;                                     \
+        case 2: TILE_NB(2, BITS) break;                                     \
+        case 3: TILE_NB(3, BITS) break;                                     \
+        case 4: TILE_NB(4, BITS) break;                                     \
+        case 5: TILE_NB(5, BITS) break;                                     \
+        case 6: TILE_NB(6, BITS) break;                                     \
+        case 7: TILE_NB(7, BITS) break;                                     \
+        default: break;                                                     \
+        }                                                                   \
+    } while (0)
+
+void mq_panel_avx512(const mq_gemm_args *a, int64_t cb0, int nb)
+{
+    int64_t m0 = 0;
+    if (a->bits == 4) TILE_ALL(4);
+    else TILE_ALL(8);
+}
+
+void mq_quant_avx512(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64_t m1,
+                     const float *scale_in, float *sx, int8_t *xq, int32_t *corr,
+                     int64_t G, int64_t gk, int32_t zp, int flip)
+{
+    const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    const __m128i flipv = _mm_set1_epi8(flip ? (char)0x80 : 0);
+    for (int64_t m = m0; m < m1; m++) {
+        const float *xr = x + m * K;
+        int8_t *q = xq + m * K_pad;
+        float s;
+        if (scale_in) {
+            s = scale_in[m];
+        } else {
+            __m512 vmax = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k += 16) {
+                const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+                vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xr + k)));
+            }
+            s = _mm512_reduce_max_ps(vmax) / 127.0f;
+            s = s < 1e-8f ? 1e-8f : s;
+        }
+        sx[m] = s;
+        const __m512 vs = _mm512_set1_ps(s);
+        __m512i sum = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, xr + k), vs); /* true division */
+            v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i c = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+            sum = _mm512_add_epi32(sum, c);
+            _mm_mask_storeu_epi8(q + k, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(c), flipv));
+            if (corr && ((k + 16) % gk == 0 || k + 16 >= K)) {
+                corr[m * G + k / gk] = zp * _mm512_reduce_add_epi32(sum);
+                sum = _mm512_setzero_si512();
+            }
+        }
+        memset(q + K, flip ? 0x80 : 0, (size_t)(K_pad - K));
+    }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif

@@ -1,0 +1,160 @@
+"""Typed structure specs that model adapters return and algorithms consume.
+
+Algorithms never name a model's modules: they learn the structure from these specs. Every field
+holds the *module objects* (plus their qualified names for reports), so a transform can edit
+weights in place without string lookups. `validate_spec` checks that a spec is self-consistent
+and fails loudly; adapters call it from `validate()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+Modality = Literal["vision", "language"]
+NormKind = Literal["layernorm", "rmsnorm"]
+GroupRole = Literal["attn_in", "attn_out", "mlp_in", "mlp_out", "proj_in", "proj_out"]
+PositionScheme = Literal["rope1d", "mrope3d"]
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """One linear layer. `rows` selects this projection's output rows inside a fused linear
+    (e.g. the v part of a fused qkv), None when the linear is the whole projection."""
+
+    name: str
+    module: nn.Linear
+    rows: slice | None = None
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read the same input activation: one activation-quantization point and one
+    GPTQ Hessian (q/k/v; o; gate/up; down; fc1; fc2; projector layers)."""
+
+    role: GroupRole
+    linears: tuple[LinearRef, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(ref.name.rsplit(".", 1)[-1] for ref in self.linears)
+
+
+@dataclass(frozen=True)
+class NormRef:
+    """A normalization whose output feeds `feeds`. `weight_offset` is 1.0 for norms that scale by
+    (1 + weight) (Gemma-style), else 0.0. A fed linear whose in_features is k times the norm width
+    reads k concatenated normalized chunks (pixel shuffle / patch merger): folds repeat k times."""
+
+    name: str
+    module: nn.Module
+    kind: NormKind
+    eps: float
+    feeds: tuple[LinearRef, ...]
+    weight_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResidualParam:
+    """A tensor that writes into a residual stream, with the axis that is the hidden dimension.
+    Rotation maps it by Q along `axis`; LayerNorm unification centres it along `axis`.
+    Examples: word embeddings (axis 1), a patch-embedding conv weight (axis 0) and bias (axis 0),
+    position / class-token parameters (axis -1)."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class AttentionRef:
+    q: LinearRef
+    k: LinearRef
+    v: LinearRef
+    o: LinearRef
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class LayerScaleRef:
+    """A per-channel scale applied to a residual writer's output (DINOv2/InternViT LayerScale).
+    Foldable into the writer's weight rows before rotation."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    writer: LinearRef
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    name: str
+    module: nn.Module
+    groups: tuple[LinearGroup, ...]  # in execution order
+    norms: tuple[NormRef, ...]  # pre-norms reading the residual stream
+    residual_writers: tuple[LinearRef, ...]  # o_proj, down_proj / fc2
+    attention: AttentionRef
+    mlp_out: LinearRef  # down_proj / fc2: where the online Hadamard and RMS go
+    layer_scales: tuple[LayerScaleRef, ...] = ()
+    post_norms: tuple[NormRef, ...] = ()  # sandwich norms after a sub-layer (GLM-4V text)
+
+    def linears(self) -> list[LinearRef]:
+        return [ref for group in self.groups for ref in group.linears]
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """A transformer stack with one residual stream: the vision encoder or the language model."""
+
+    modality: Modality
+    name: str
+    module: nn.Module
+    blocks: tuple[BlockSpec, ...]
+    hidden_size: int
+    input_writers: tuple[ResidualParam, ...]  # embeddings that start the residual stream
+    final_norm: NormRef | None  # feeds lm_head (language) or the projector (vision)
+    # A norm applied to the embeddings whose *output* starts the residual stream (CLIP's
+    # pre_layrnorm, GLM-4V's post_conv_layernorm); None when embeddings feed the blocks directly.
+    input_norm: NormRef | None = None
+    # Linears that read the residual stream with no norm in between (e.g. a LLaVA projector fed
+    # hidden_states[k]): rotation folds into them, LayerNorm centring cannot (it changes the mean).
+    raw_readers: tuple[LinearRef, ...] = ()
+    # Non-linear modules reading the raw stream (e.g. a downsampling conv): `axis` is their input
+    # hidden axis, so a rotation can still be folded in.
+    raw_reader_params: tuple[ResidualParam, ...] = ()
+    tied_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """The connector between vision and language (LLaVA projector, Qwen2-VL merger, ...)."""
+
+    name: str
+    module: nn.Module
+    groups: tuple[LinearGroup, ...]
+    norm: NormRef | None = None  # a LayerNorm at the projector input, if any
+
+    def linears(self) -> list[LinearRef]:
+        return [ref for group in self.groups for ref in group.linears]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    vision: TowerSpec
+    projector: ProjectorSpec
+    language: TowerSpec
+    image_token_ids: tuple[int, ...]  # image and video placeholder token ids
+    position_scheme: PositionScheme
+    extra: dict = field(default_factory=dict)
+
+    def all_linears(self) -> list[tuple[Modality | Literal["projector"], LinearRef]]:
+        out: list = [("vision", r) for b in self.vision.blocks for r in b.linears()]
+        out += [("projector", r) for r in self.projector.linears()]
+        out += [("language", r) for b in self.language.blocks for r in b.linears()]
+        return out

@@ -1,0 +1,46 @@
+"""Which rows of a language-model activation are visual tokens, for modality-specific scales.
+
+One `ModalityContext` is shared by every language-model QuantLinear of a model. A forward pre-hook
+on the top-level model sets `visual_mask` from `input_ids` (placeholder ids are the visual tokens),
+so prefill rows pick the visual or text scale and decode steps (text tokens) pick the text scale —
+no per-token statistics at run time, only a static choice between two scalars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TEXT, VISUAL = 0, 1
+
+
+@dataclass
+class ModalityContext:
+    visual_mask: torch.Tensor | None = None  # bool [batch, seq]
+    # After token reordering (AIFS) the visual rows of each sequence are one contiguous block;
+    # kernels may use it to run one GEMM slice per modality.
+    contiguous: bool = False
+
+    def row_modality(self, leading_shape: torch.Size) -> torch.Tensor | None:
+        """Bool mask matching the activation's leading dims, or None if it does not apply
+        (e.g. a decode step with a different sequence length, or no mask set)."""
+        mask = self.visual_mask
+        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+            return None
+        return mask
+
+
+def attach_modality_hook(model: torch.nn.Module, ctx: ModalityContext, image_token_ids: tuple[int, ...]):
+    """Keep `ctx.visual_mask` in sync with each forward call of `model` (prefill and decode)."""
+    ids = torch.tensor(image_token_ids)
+
+    def hook(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(input_ids, torch.Tensor) and input_ids.dtype in (torch.long, torch.int):
+            ctx.visual_mask = torch.isin(input_ids, ids.to(input_ids.device))
+        else:
+            ctx.visual_mask = None
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -1,0 +1,304 @@
+"""Hook-based truth checks of an adapter's spec against a real forward pass.
+
+A spec is a claim about data flow ("this norm feeds these linears", "these linears write the residual
+stream"); structure alone cannot prove it. These checks run the model once with forward hooks on every
+module the spec names and compare the tensors that actually flow:
+
+- each NormRef's output is the input of every linear in `feeds` (k×width feeds: every width-chunk of
+  the linear input is a row of the norm output, i.e. pixel shuffle / merger only regroups rows);
+- the linears of one group receive the identical input tensor;
+- block output − block input = Σ residual writers' outputs (× layer scale, or through a post-norm);
+- input_norm's output is block 0's input, final_norm's input is the last block's output;
+- raw readers read the raw stream: every chunk of their input is a row of one captured stream state
+  (stream start or a block output), and the index found matches `extra["vision_feature_layers"]`;
+- the visual token mask marks exactly the positions whose language input is not the word embedding.
+
+`check_spec_against_forward(model, adapter, batch)` raises AssertionError naming the failing module.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..models.base import ModelAdapter
+from ..models.spec import BlockSpec, LinearRef, ModelSpec, NormRef, TowerSpec
+
+
+class _Recorder:
+    """Forward hooks recording, per module, the first positional input and the output of each call."""
+
+    def __init__(self) -> None:
+        self.inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._handles: list = []
+        self._watched: set[int] = set()
+
+    def watch(self, module: nn.Module) -> None:
+        if id(module) in self._watched:
+            return
+        self._watched.add(id(module))
+        key = id(module)
+
+        def pre(_mod, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            if isinstance(x, torch.Tensor):
+                self.inputs[key].append(x.detach())
+
+        def post(_mod, _args, _kwargs, out):
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(y, torch.Tensor):
+                self.outputs[key].append(y.detach())
+
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def first_in(self, module: nn.Module, what: str) -> torch.Tensor:
+        calls = self.inputs.get(id(module))
+        assert calls, f"{what} was never called during the forward pass"
+        return calls[0]
+
+    def first_out(self, module: nn.Module, what: str) -> torch.Tensor:
+        calls = self.outputs.get(id(module))
+        assert calls, f"{what} was never called during the forward pass"
+        return calls[0]
+
+
+def _tol(ref: torch.Tensor) -> float:
+    eps = 1e-9 if ref.dtype == torch.float64 else 2e-4
+    return eps * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    assert err <= _tol(expected), f"{what}: max abs difference {err:.3e}"
+
+
+def _rows_found(chunks: torch.Tensor, rows: torch.Tensor) -> bool:
+    """True when every row of `chunks` equals (within tolerance) some row of `rows`."""
+    if chunks.numel() == 0:
+        return True
+    dist = torch.cdist(chunks.double(), rows.double()).min(dim=1).values
+    return bool(dist.max() <= _tol(rows) * chunks.shape[-1] ** 0.5)
+
+
+def _chunks(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x.reshape(-1, width)
+
+
+def _tower_of(spec: ModelSpec) -> Iterable[TowerSpec]:
+    return (spec.vision, spec.language)
+
+
+def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
+    for tower in _tower_of(spec):
+        for norm in _tower_norms(tower):
+            rec.watch(norm.module)
+            for ref in norm.feeds:
+                rec.watch(ref.module)
+        for ref in tower.raw_readers:
+            rec.watch(ref.module)
+        for param in tower.raw_reader_params:
+            rec.watch(param.module)
+        for block in tower.blocks:
+            rec.watch(block.module)
+            for ref in block.linears():
+                rec.watch(ref.module)
+            for norm in block.norms + block.post_norms:
+                rec.watch(norm.module)
+        for param in tower.input_writers:
+            if isinstance(param.module, nn.Embedding):
+                rec.watch(param.module)
+    for ref in spec.projector.linears():
+        rec.watch(ref.module)
+    if spec.projector.norm is not None:
+        rec.watch(spec.projector.norm.module)
+
+
+def _tower_norms(tower: TowerSpec) -> list[NormRef]:
+    return [n for n in (tower.input_norm, tower.final_norm) if n is not None]
+
+
+def _check_norm_feeds(rec: _Recorder, norm: NormRef, width: int, where: str) -> None:
+    outs = rec.outputs.get(id(norm.module), [])
+    for ref in norm.feeds:
+        ins = rec.inputs.get(id(ref.module), [])
+        what = f"{where}: norm {norm.name} -> {ref.name}"
+        assert outs and ins, f"{what}: not both called during the forward pass"
+        if ref.module.in_features == width:
+            assert len(ins) == len(outs), f"{what}: {len(outs)} norm calls but {len(ins)} linear calls"
+            for x, y in zip(ins, outs):
+                _assert_close(x, y, what)
+        else:
+            rows = torch.cat([_chunks(y, width) for y in outs])
+            found = all(_rows_found(_chunks(x, width), rows) for x in ins)
+            assert found, f"{what}: the {ref.module.in_features // width} chunks of the linear input are not norm output rows"
+
+
+def _check_groups(rec: _Recorder, groups, where: str) -> None:
+    for group in groups:
+        first = group.linears[0]
+        ref_in = rec.inputs.get(id(first.module), [])
+        for other in group.linears[1:]:
+            ins = rec.inputs.get(id(other.module), [])
+            what = f"{where}: group {group.name}: {other.name} vs {first.name}"
+            assert len(ins) == len(ref_in), f"{what}: call counts differ ({len(ins)} vs {len(ref_in)})"
+            for a, b in zip(ins, ref_in):
+                _assert_close(a, b, what)
+
+
+def _writer_contribution(rec: _Recorder, block: BlockSpec, writer: LinearRef) -> torch.Tensor:
+    out = rec.first_out(writer.module, writer.name)
+    if writer.rows is not None:
+        out = out[..., writer.rows]
+    for norm in block.post_norms:  # a sandwich norm reading this writer's output replaces it
+        n_in = rec.inputs.get(id(norm.module), [])
+        if n_in and n_in[0].shape == out.shape and torch.equal(n_in[0], out):
+            out = rec.first_out(norm.module, norm.name)
+    for scale in block.layer_scales:
+        if scale.writer.module is writer.module:
+            out = out * getattr(scale.module, scale.attr)
+    return out
+
+
+def _check_block(rec: _Recorder, block: BlockSpec, hidden: int, where: str) -> None:
+    where = f"{where} block {block.name}"
+    for norm in block.norms:
+        _check_norm_feeds(rec, norm, hidden, where)
+    _check_groups(rec, block.groups, where)
+    for scale in block.layer_scales:
+        assert any(scale.writer.module is w.module for w in block.residual_writers), (
+            f"{where}: layer scale {scale.name} multiplies {scale.writer.name}, which is not a residual writer")
+    x_in = rec.first_in(block.module, block.name)
+    x_out = rec.first_out(block.module, block.name)
+    delta = x_out.double() - x_in.double()
+    total = sum(_writer_contribution(rec, block, w).double() for w in block.residual_writers)
+    err = float((delta - total).abs().max())
+    assert err <= _tol(x_out) * 4, (
+        f"{where}: block output - input differs from the sum of residual writers "
+        f"{[w.name for w in block.residual_writers]} by {err:.3e} (a writer or layer scale is missing or wrong)")
+
+
+def _stream_states(rec: _Recorder, tower: TowerSpec) -> list[torch.Tensor]:
+    """hidden_states[0..n]: the stream entering block 0, then each block's output."""
+    states = [rec.first_in(tower.blocks[0].module, tower.blocks[0].name)]
+    states += [rec.first_out(b.module, b.name) for b in tower.blocks]
+    return states
+
+
+def _reader_layers(x: torch.Tensor, states: list[torch.Tensor], hidden: int, what: str) -> list[list[int]]:
+    """For each hidden-width chunk position of `x`, the stream-state indices whose rows it holds
+    (several only when states coincide numerically, e.g. a near-zero layer scale)."""
+    k = x.shape[-1] // hidden
+    chunks = x.reshape(-1, k, hidden)
+    layers = []
+    for c in range(k):
+        hits = [i for i, s in enumerate(states) if _rows_found(chunks[:, c], _chunks(s, hidden))]
+        assert hits, f"{what}: input chunk {c} is not a row of any raw stream state (is a norm in between?)"
+        layers.append(hits)
+    return layers
+
+
+def _check_tower(rec: _Recorder, tower: TowerSpec, spec: ModelSpec) -> None:
+    where = f"{tower.modality} tower {tower.name}"
+    for block in tower.blocks:
+        _check_block(rec, block, tower.hidden_size, where)
+    if tower.input_norm is not None:
+        _assert_close(rec.first_in(tower.blocks[0].module, "block 0"),
+                      rec.first_out(tower.input_norm.module, tower.input_norm.name),
+                      f"{where}: input_norm {tower.input_norm.name} output vs block 0 input")
+        _check_norm_feeds(rec, tower.input_norm, tower.hidden_size, where)
+    if tower.final_norm is not None:
+        last = tower.blocks[-1]
+        _assert_close(rec.first_in(tower.final_norm.module, tower.final_norm.name),
+                      rec.first_out(last.module, last.name),
+                      f"{where}: final_norm {tower.final_norm.name} input vs last block output")
+        _check_norm_feeds(rec, tower.final_norm, tower.hidden_size, where)
+    states = _stream_states(rec, tower) if (tower.raw_readers or tower.raw_reader_params) else []
+    expected = spec.extra.get(f"{tower.modality}_feature_layers")
+    for ref in tower.raw_readers:
+        layers = _reader_layers(rec.first_in(ref.module, ref.name), states, tower.hidden_size, f"{where}: raw reader {ref.name}")
+        if expected is not None:
+            ok = len(layers) == len(expected) and all(e in hits for e, hits in zip(expected, layers))
+            assert ok, f"{where}: {ref.name} reads hidden_states{layers}, spec says {list(expected)}"
+    for param in tower.raw_reader_params:
+        x = rec.first_in(param.module, param.name)
+        x = x if x.shape[-1] == tower.hidden_size else x.movedim(1, -1)
+        _reader_layers(x, states, tower.hidden_size, f"{where}: raw reader param {param.name}")
+
+
+def _check_visual_mask(rec: _Recorder, spec: ModelSpec, adapter: ModelAdapter, model: nn.Module, batch: dict) -> None:
+    ids = batch.get("input_ids")
+    if ids is None:
+        return
+    mask = adapter.visual_token_mask(model, ids)
+    assert mask.shape == ids.shape, f"visual_token_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}"
+    embeds = [p.module for p in spec.language.input_writers if isinstance(p.module, nn.Embedding)]
+    assert embeds, "language input_writers hold no nn.Embedding (word embeddings must be listed, axis 1)"
+    block0 = spec.language.blocks[0]
+    x0 = rec.first_in(block0.module, block0.name)
+    if x0.dim() == 2:  # packed (no batch axis)
+        x0 = x0.reshape(*ids.shape, -1)
+    with torch.no_grad():
+        words = embeds[0](ids).to(x0.dtype)
+    replaced = (x0 - words).abs().amax(dim=-1) > _tol(words)
+    bad = (replaced != mask).nonzero()
+    assert bad.numel() == 0, (
+        f"visual_token_mask disagrees with the positions holding vision features at {bad[:4].tolist()} "
+        f"(mask {int(mask.sum())} tokens, replaced {int(replaced.sum())})")
+
+
+def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: dict) -> ModelSpec:
+    """Run `model(**batch)` with hooks and assert that `adapter`'s spec describes the real data flow.
+
+    Returns the validated spec. Raises AssertionError with the failing module's name otherwise.
+    """
+    spec = adapter.validate(model)
+    rec = _Recorder()
+    _watch_spec(rec, spec)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        rec.remove()
+    for tower in _tower_of(spec):
+        _check_tower(rec, tower, spec)
+    _check_groups(rec, spec.projector.groups, f"projector {spec.projector.name}")
+    if spec.projector.norm is not None:
+        norm = spec.projector.norm
+        width = getattr(norm.module, "weight").shape[-1]
+        _check_norm_feeds(rec, norm, width, f"projector {spec.projector.name}")
+    _check_visual_mask(rec, spec, adapter, model, batch)
+    return spec
+
+
+def linear_coverage(spec: ModelSpec, roots: Iterable[nn.Module], exclude: Iterable[nn.Module] = ()) -> tuple[set[str], set[str]]:
+    """(linears under `roots` that no spec group lists, spec linears not under `roots`), by module name
+    relative to each root. `exclude` removes modules (e.g. lm_head) from the search."""
+    skip = {id(m) for m in exclude}
+    found: dict[int, str] = {}
+    for root in roots:
+        for name, mod in root.named_modules():
+            if isinstance(mod, nn.Linear) and id(mod) not in skip:
+                found[id(mod)] = name
+    listed = {id(ref.module): ref.name for _, ref in spec.all_linears()}
+    missing = {found[k] for k in found.keys() - listed.keys()}
+    extra = {listed[k] for k in listed.keys() - found.keys()}
+    return missing, extra
+
+
+def check_linear_coverage(spec: ModelSpec, roots: Iterable[nn.Module], exclude: Iterable[nn.Module] = ()) -> None:
+    """Assert that the spec groups list exactly the nn.Linear modules under `roots` (each once)."""
+    missing, extra = linear_coverage(spec, roots, exclude)
+    assert not missing, f"linears missing from the spec groups: {sorted(missing)}"
+    assert not extra, f"spec lists linears outside the towers/projector: {sorted(extra)}"
+    ids = [id(ref.module) for _, ref in spec.all_linears()]
+    assert len(ids) == len(set(ids)), "a linear appears in more than one spec group"
