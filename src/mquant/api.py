@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import resource
 import time
 from typing import Any, Callable, Sequence
@@ -54,17 +55,19 @@ def quantize(
         spec = adapter.validate(model)
         for step in steps_for(recipe, "online"):
             transform_info[step.name] = step.run(model, adapter, spec, recipe)
-        hooks = [step.run for step in steps_for(recipe, "pre_quant")]
+        hooks = [functools.partial(step.run, recipe=recipe) for step in steps_for(recipe, "pre_quant")]
         calibrator = SequentialCalibrator(recipe, ctx, progress, hooks)
-        stages = [
-            ("vision", list(spec.vision.blocks), spec.vision.blocks[0].module, recipe.vision, False),
-            ("projector", [spec.projector], spec.projector.module, recipe.vision, False),
-            ("language", list(spec.language.blocks), spec.language.blocks[0].module, recipe.language, True),
-        ]
-        for part, blocks, first, scheme, uses_masks in stages:
-            inputs = capture_inputs(model, first, samples)
-            calibrator.run_blocks(blocks, inputs, scheme, part, masks if uses_masks else None)
+        inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
+        calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
+        # The projector runs inside the model's forward (and, for DeepStack, in several places):
+        # calibrate it with whole-model passes over the (already quantized) vision tower.
+        calibrator.process_with_runner(spec.projector, lambda: _forward_all(model, samples), recipe.vision, "projector")
+        if progress is not None:
+            progress("projector", 1)
+        inputs = capture_inputs(model, spec.language.blocks[0].module, samples)
+        calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks)
         model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
+        model._mquant_ctx = ctx
         for step in steps_for(recipe, "post"):
             transform_info[step.name] = step.run(model, adapter, spec, recipe)
     model.mquant_recipe = recipe
@@ -77,6 +80,11 @@ def quantize(
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         transforms=transform_info,
     )
+
+
+def _forward_all(model: nn.Module, samples: Sequence[dict]) -> None:
+    for sample in samples:
+        model(**sample, use_cache=False)
 
 
 def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:
@@ -145,6 +153,7 @@ def load_quantized(model_dir) -> nn.Module:
         raise CheckpointError(f"{model_dir}: weights do not match the model ({str(exc).splitlines()[1].strip()[:140]})") from exc
     spec = adapter.validate(model)
     model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
+    model._mquant_ctx = ctx
     recipe = Recipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
     model.mquant_recipe = recipe
     model.mquant_structure = meta.get("structure", {})

@@ -95,6 +95,75 @@ def eval_cmd(
     emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+@app.command()
+def demo(
+    limit: int = typer.Option(200, help="easy-VQA test questions to score"),
+    n_calib: int = typer.Option(32, help="Calibration samples (easy-VQA train split)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The main job, offline: default model → W4A8 fully static MQuant → float vs quantized table."""
+    from .config import recipe_for
+    from .experiments import markdown_table, run_variants
+
+    log = (lambda line: err.print(line, highlight=False)) if as_json else (lambda line: err.print(line, highlight=False))
+    results = run_variants([("mquant", recipe_for("mquant", "w4a8"))], limit=limit, n_calib=n_calib, log=log)
+    emit({"rows": [r.to_dict() for r in results], "limit": limit, "n_calib": n_calib}, as_json, markdown_table(results))
+
+
+@app.command()
+def ablate(
+    model: Optional[str] = MODEL_ARG,
+    scheme: str = typer.Option("w4a8", help="w8a8 | w4a8"),
+    limit: int = typer.Option(500, help="easy-VQA test questions to score"),
+    n_calib: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
+    from .experiments import ablation_recipes, markdown_table, run_variants
+
+    results = run_variants(ablation_recipes(scheme), limit=limit, n_calib=n_calib, model_source=model,
+                           log=lambda line: err.print(line, highlight=False))
+    emit({"rows": [r.to_dict() for r in results], "scheme": scheme, "limit": limit}, as_json, markdown_table(results))
+
+
+@app.command()
+def generate(
+    model: Optional[str] = MODEL_ARG,
+    image: Path = typer.Option(..., help="Image file"),
+    prompt: str = typer.Option(..., help="Question or instruction"),
+    max_new_tokens: int = typer.Option(32),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Answer PROMPT about IMAGE with a float or quantized model, streaming tokens."""
+    from .eval.generation import generate_texts
+    from .generation_io import check_prompt_fits, text_streamer
+    from .models.loading import load_any
+
+    loaded = load_any(model)
+    check_prompt_fits(loaded, prompt, max_new_tokens)
+    streamer = None if as_json else text_streamer(loaded.processor)
+    answer = generate_texts(loaded.model, loaded.processor, [str(image)], [prompt], max_new_tokens=max_new_tokens,
+                            batch_size=1, streamer=streamer)[0]
+    if as_json:
+        emit({"answer": answer, "model": loaded.source, "quantized": loaded.quantized}, True)
+    else:
+        sys.stdout.write("\n")
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="A directory written by `mquant quantize`"),
+    format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant"),
+    out: Path = typer.Option(..., help="Output directory (written atomically)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Export a quantized model for serving (compressed-tensors, the format vLLM loads) or re-save it."""
+    from .export import export_model
+
+    written = export_model(model_dir, format, out)
+    emit({"out": str(written), "format": format}, as_json, f"wrote {written} ({format})")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -19,6 +19,7 @@ class LayerRecord:
     output_error: float | None = None  # ||Q(x)Ŵ - xW|| / ||xW||
     act_scale: list[float] | None = None  # [text, visual] static scales
     outlier_ratio: float | None = None  # max/median channel |x| of the GEMM input
+    outlier_ratio_before: float | None = None  # the same before a pre-quantization step (RMS) edited the layer
     online_hadamard: bool = False
     rms_split: bool = False
 

@@ -20,6 +20,7 @@ from ..models.spec import BlockSpec, LinearGroup, ProjectorSpec
 from ..quant.modality import ModalityContext
 from ..quant.qlinear import QuantLinear
 from ..quant.weights import quantize_weight
+from ..errors import CalibrationError
 from ..report import LayerRecord
 from .capture import BlockInput, block_output
 from .stats import GroupStats
@@ -88,31 +89,39 @@ class SequentialCalibrator:
         self.ctx.visual_mask = None
         return outs
 
-    def _collect(self, block, inputs, masks, part: str) -> dict[int, GroupStats]:
+    def _collect(self, block, runner: Callable[[], object], part: str) -> dict[int, GroupStats]:
         msq = part == "language" and self.recipe.has("msq")
         stats: dict[int, GroupStats] = {}
         for gi, group in enumerate(block.groups):
             stats[gi] = GroupStats(self.recipe.observer, msq, self.recipe.weight_method == "gptq", self.ctx)
             group.linears[0].module.input_observer = stats[gi]
         try:
-            self._run(block.module, inputs, masks)
+            runner()
         finally:
             for group in block.groups:
                 group.linears[0].module.input_observer = None
         return stats
 
     def process_block(self, block, inputs, scheme: SchemeConfig, part: str, masks) -> list[torch.Tensor | None]:
+        return self.process_with_runner(block, lambda: self._run(block.module, inputs, masks), scheme, part)
+
+    def process_with_runner(self, block, runner: Callable[[], object], scheme: SchemeConfig, part: str):
+        """Calibrate and quantize `block`'s groups; `runner()` executes every calibration sample
+        through them (a captured block call, or whole-model forwards for a projector whose parts
+        run at different places, like Qwen3-VL's DeepStack mergers)."""
         records: list[LayerRecord] = []
-        stats = self._collect(block, inputs, masks, part)
+        stats = self._collect(block, runner, part)
         for hook in self.pre_quant_hooks:
             if hook(block, stats, records):  # the hook changed the block: observe again
-                stats = self._collect(block, inputs, masks, part)
+                stats = self._collect(block, runner, part)
         probes: dict[QuantLinear, _ErrorProbe] = {}
         for gi, group in enumerate(block.groups):
+            if stats[gi].seen["all"] == 0:
+                raise CalibrationError(f"{group.linears[0].module.name} never ran on the calibration samples; add samples with images")
             self._quantize_group(group, stats[gi], scheme, part, probes, records)
         handles = [m.register_forward_hook(p) for m, p in probes.items()]
         try:
-            outputs = self._run(block.module, inputs, masks)
+            outputs = runner()
         finally:
             for handle in handles:
                 handle.remove()
@@ -144,6 +153,7 @@ class SequentialCalibrator:
                     weight_error=w_err,
                     act_scale=None if act_scale is None else [float(v) for v in act_scale],
                     outlier_ratio=stats.outlier_ratio() if stats.absmax_channel is not None else None,
+                    outlier_ratio_before=getattr(module, "outlier_ratio_before", None),
                     online_hadamard=module.online_hadamard,
                     rms_split=module.rms_split,
                 )

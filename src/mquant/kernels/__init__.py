@@ -1,1 +1,16 @@
+"""Integer CPU kernels: W8A8 and W4A8 GEMMs with static (per tensor / per row block) or dynamic
+per-token activation quantization, all int-exact against `reference.reference_linear`.
 
+    prepared = prepare_weight(codes, w_scale, bits=4)           # once, at load time
+    y = linear_static(x, x_scale_or_row_blocks, prepared, bias)  # MQuant: static scales
+    y = linear_dynamic(x, prepared, bias)                        # per-token baseline
+"""
+
+from .common import (PreparedWeight, available_backends, linear_dynamic, linear_static, prepare_weight,
+                     select_backend)
+from .packing import pack_int4, unpack_int4
+from .reference import reference_linear, reference_linear_float
+from .w4a8 import native_isa
+
+__all__ = ["PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",
+           "prepare_weight", "reference_linear", "reference_linear_float", "select_backend", "unpack_int4"]

@@ -13,9 +13,9 @@ Structure (transformers 5.23, `model.model.visual` / `model.model.language_model
   GELU -> `mlp.2`. `ln_q` is therefore the vision tower's `final_norm` (feeding `mlp.0`, 4x width);
   ProjectorSpec.norm stays None so the norm is not folded twice.
 - Language: Qwen2 decoder (RMSNorm, q/k/v with bias, o without, SwiGLU), 3-D M-RoPE.
-Projector groups with role "proj_out" are the linears that write the language residual stream (the
-merged image features replace the placeholder embeddings); they are not repeated in
-language.input_writers.
+The projector's output linear (role "proj_out") writes the language residual stream (merged image
+features replace the placeholder embeddings), so its weight and bias (axis 0) are also language
+input_writers, next to the word embeddings.
 """
 
 from __future__ import annotations
@@ -139,8 +139,19 @@ def decoder_block(
     )
 
 
-def language_tower(namer: Namer, model: nn.Module, blocks: tuple[BlockSpec, ...]) -> TowerSpec:
-    """`model.model.language_model` with word embeddings (axis 1) and final norm -> lm_head."""
+def linear_writers(namer: Namer, linear: nn.Linear) -> tuple[ResidualParam, ...]:
+    """A linear whose output rows enter a residual stream: weight and bias rotate along axis 0."""
+    out = [namer.param(linear, "weight", 0)]
+    if linear.bias is not None:
+        out.append(namer.param(linear, "bias", 0))
+    return tuple(out)
+
+
+def language_tower(
+    namer: Namer, model: nn.Module, blocks: tuple[BlockSpec, ...], writers: tuple[nn.Linear, ...]
+) -> TowerSpec:
+    """`model.model.language_model`: word embeddings (axis 1) plus the projector linears `writers`
+    whose outputs are scattered into the stream at the visual positions; final norm -> lm_head."""
     lm = model.model.language_model
     embed = lm.embed_tokens
     return TowerSpec(
@@ -149,17 +160,17 @@ def language_tower(namer: Namer, model: nn.Module, blocks: tuple[BlockSpec, ...]
         module=lm,
         blocks=blocks,
         hidden_size=lm.config.hidden_size,
-        input_writers=(namer.param(embed, "weight", 1),),
+        input_writers=(namer.param(embed, "weight", 1),) + tuple(p for w in writers for p in linear_writers(namer, w)),
         final_norm=namer.norm(lm.norm, [model.lm_head]),
         tied_embeddings=model.lm_head.weight is embed.weight,
     )
 
 
 def placeholder_ids(config, *names: str) -> tuple[int, ...]:
-    ids = tuple(getattr(config, n) for n in names)
+    ids = tuple(getattr(config, n, None) for n in names)
     if any(i is None for i in ids):
         raise UnsupportedModelError(f"{type(config).__name__} lacks one of {names}; set it in the config")
-    return ids
+    return tuple(int(i) for i in ids)
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -197,11 +208,14 @@ class Qwen2VLAdapter(ModelAdapter):
             family=self.family,
             vision=vision,
             projector=projector,
-            language=language_tower(namer, model, blocks),
-            image_token_ids=placeholder_ids(model.config, "image_token_id", "video_token_id"),
+            language=language_tower(namer, model, blocks, (last,)),
+            image_token_ids=self.spec_token_ids(model),
             position_scheme="mrope3d",
             extra=self._extra(visual),
         )
+
+    def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:
+        return placeholder_ids(model.config, "image_token_id", "video_token_id")
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):

@@ -10,7 +10,9 @@ module the spec names and compare the tensors that actually flow:
 - block output − block input = Σ residual writers' outputs (× layer scale, or through a post-norm);
 - input_norm's output is block 0's input, final_norm's input is the last block's output;
 - raw readers read the raw stream: every chunk of their input is a row of one captured stream state
-  (stream start or a block output), and the index found matches `extra["vision_feature_layers"]`;
+  (stream start or a block output), and the index found matches `extra["vision_feature_layers"]`
+  (non-negative hidden-state indices: 0 = stream entering block 0, i = output of block i-1);
+- a projector input norm reads the vision final norm's output, or the raw stream when there is none;
 - the visual token mask marks exactly the positions whose language input is not the word embedding.
 
 `check_spec_against_forward(model, adapter, batch)` raises AssertionError naming the failing module.
@@ -86,7 +88,7 @@ def _rows_found(chunks: torch.Tensor, rows: torch.Tensor) -> bool:
     """True when every row of `chunks` equals (within tolerance) some row of `rows`."""
     if chunks.numel() == 0:
         return True
-    dist = torch.cdist(chunks.double(), rows.double()).min(dim=1).values
+    dist = torch.cdist(chunks.double(), rows.double(), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
     return bool(dist.max() <= _tol(rows) * chunks.shape[-1] ** 0.5)
 
 
@@ -165,7 +167,7 @@ def _writer_contribution(rec: _Recorder, block: BlockSpec, writer: LinearRef) ->
             out = rec.first_out(norm.module, norm.name)
     for scale in block.layer_scales:
         if scale.writer.module is writer.module:
-            out = out * getattr(scale.module, scale.attr)
+            out = out * getattr(scale.module, scale.attr).detach()
     return out
 
 
@@ -235,6 +237,27 @@ def _check_tower(rec: _Recorder, tower: TowerSpec, spec: ModelSpec) -> None:
         _reader_layers(x, states, tower.hidden_size, f"{where}: raw reader param {param.name}")
 
 
+def _check_projector_norm(rec: _Recorder, spec: ModelSpec) -> None:
+    """The projector's input norm feeds its linears and reads the vision tower's output: its input
+    chunks are rows of the vision final norm's output, or of a raw stream state when there is none
+    (InternVL's 4×hidden LayerNorm after pixel shuffle)."""
+    norm, vision = spec.projector.norm, spec.vision
+    where = f"projector {spec.projector.name}"
+    _check_norm_feeds(rec, norm, norm.module.weight.shape[-1], where)
+    x = rec.first_in(norm.module, norm.name)
+    if vision.final_norm is not None:
+        out = rec.first_out(vision.final_norm.module, vision.final_norm.name)
+        found = _rows_found(_chunks(x, vision.hidden_size), _chunks(out, vision.hidden_size))
+        assert found, f"{where}: norm {norm.name} input is not made of vision final-norm output rows"
+        return
+    layers = _reader_layers(x, _stream_states(rec, vision), vision.hidden_size, f"{where}: norm {norm.name}")
+    expected = spec.extra.get("vision_feature_layers")
+    if expected is not None:
+        expected = list(expected) * (len(layers) // len(expected))  # pixel shuffle: k chunks of one layer
+        ok = all(e in hits for e, hits in zip(expected, layers))
+        assert ok, f"{where}: norm {norm.name} reads hidden_states{layers}, spec says {list(spec.extra['vision_feature_layers'])}"
+
+
 def _check_visual_mask(rec: _Recorder, spec: ModelSpec, adapter: ModelAdapter, model: nn.Module, batch: dict) -> None:
     ids = batch.get("input_ids")
     if ids is None:
@@ -273,9 +296,7 @@ def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: d
         _check_tower(rec, tower, spec)
     _check_groups(rec, spec.projector.groups, f"projector {spec.projector.name}")
     if spec.projector.norm is not None:
-        norm = spec.projector.norm
-        width = getattr(norm.module, "weight").shape[-1]
-        _check_norm_feeds(rec, norm, width, f"projector {spec.projector.name}")
+        _check_projector_norm(rec, spec)
     _check_visual_mask(rec, spec, adapter, model, batch)
     return spec
 

@@ -16,7 +16,9 @@
 #include "qgemm.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define MR_MAX 8 /* rows per tile: 8 x 3 ZMM accumulators + 4 work registers fit in 32 */
+#ifndef MR_MAX
+#define MR_MAX 8 /* rows per tile */
+#endif
 #define NB_MAX 3 /* 16-column blocks per tile (48 columns) */
 
 ALWAYS_INLINE __m512i bcast4(const int8_t *p)
@@ -33,18 +35,20 @@ ALWAYS_INLINE __mmask16 col_mask(const mq_gemm_args *a, int64_t n0)
 }
 
 /* One MR x (16*NB) output tile over the full K.  MR, NB, BITS are compile-time constants after
- * inlining, so acc[][] lives in registers.  DUAL (few rows) splits the two halves of each step
- * into independent accumulators: at M=1 a single chain would be bound by VPDPBUSD latency. */
+ * inlining, so acc[][] lives in registers.  DUAL (1-2 rows) splits the two halves of each step
+ * into independent accumulators: with so few chains VPDPBUSD latency would bound the loop. */
 ALWAYS_INLINE void tile(const mq_gemm_args *a, int64_t m0, int64_t cb0, const int MR, const int NB,
                         const int BITS)
 {
-    const int DUAL = MR <= 4;
+    const int DUAL = MR <= 2;
     const int64_t line_k = BITS == 4 ? 8 : 4;
     const int64_t lines = a->K_pad / line_k, glines = a->gk / line_k;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const uint8_t *bp[NB_MAX];
     const int8_t *xr[MR_MAX];
     __m512 f[MR_MAX][NB_MAX];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NB; j++) f[i][j] = _mm512_setzero_ps(); /* G >= 1 overwrites it */
     for (int j = 0; j < NB; j++) bp[j] = a->wp + (cb0 + j) * lines * 64;
     for (int i = 0; i < MR; i++) xr[i] = a->xq + (m0 + i) * a->K_pad;
 
@@ -54,26 +58,33 @@ ALWAYS_INLINE void tile(const mq_gemm_args *a, int64_t m0, int64_t cb0, const in
         for (int i = 0; i < MR; i++)
 #pragma GCC unroll 3
             for (int j = 0; j < NB; j++) acc[i][j] = acc2[i][j] = _mm512_setzero_si512();
-        /* one iteration = 8 k values: a 64-byte line (4-bit) or two lines (8-bit) per block */
+        /* one iteration = 8 k values: a 64-byte line (4-bit) or two lines (8-bit) per block.
+         * Weights of the step are loaded (and unpacked) once, then each row's broadcast feeds NB
+         * dot products: 24 accumulators + 6 weight registers + broadcast + mask = 32 ZMM. */
         for (int64_t l = g * glines; l < (g + 1) * glines; l += 8 / line_k) {
             const int64_t k = l * line_k;
+            __m512i w0[NB_MAX], w1[NB_MAX];
 #pragma GCC unroll 3
             for (int j = 0; j < NB; j++) {
-                __m512i w0, w1;
                 if (BITS == 4) {
                     const __m512i p = _mm512_loadu_si512(bp[j] + l * 64);
-                    w0 = _mm512_and_si512(p, m4);
-                    w1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+                    w0[j] = _mm512_and_si512(p, m4);
+                    w1[j] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
                 } else {
-                    w0 = _mm512_loadu_si512(bp[j] + l * 64);
-                    w1 = _mm512_loadu_si512(bp[j] + l * 64 + 64);
+                    w0[j] = _mm512_loadu_si512(bp[j] + l * 64);
+                    w1[j] = _mm512_loadu_si512(bp[j] + l * 64 + 64);
                 }
+            }
 #pragma GCC unroll 8
-                for (int i = 0; i < MR; i++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w0, bcast4(xr[i] + k));
-#pragma GCC unroll 8
-                for (int i = 0; i < MR; i++) {
-                    if (DUAL) acc2[i][j] = _mm512_dpbusd_epi32(acc2[i][j], w1, bcast4(xr[i] + k + 4));
-                    else acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w1, bcast4(xr[i] + k + 4));
+            for (int i = 0; i < MR; i++) {
+                const __m512i b0 = bcast4(xr[i] + k);
+#pragma GCC unroll 3
+                for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w0[j], b0);
+                const __m512i b1 = bcast4(xr[i] + k + 4);
+#pragma GCC unroll 3
+                for (int j = 0; j < NB; j++) {
+                    if (DUAL) acc2[i][j] = _mm512_dpbusd_epi32(acc2[i][j], w1[j], b1);
+                    else acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w1[j], b1);
                 }
             }
         }
@@ -115,7 +126,7 @@ ALWAYS_INLINE void tile(const mq_gemm_args *a, int64_t m0, int64_t cb0, const in
 
 #define TILE_ALL(BITS)                                                      \
     do {                                                                    \
-        for (; m0 + MR_MAX <= a->M; m0 += MR_MAX) { TILE_NB(8, BITS) }      \
+        for (; m0 + MR_MAX <= a->M; m0 += MR_MAX) { TILE_NB(MR_MAX, BITS) }      \
         switch (a->M - m0) {                                                \
         case 1: TILE_NB(1, BITS) break;                                     \
         case 2: TILE_NB(2, BITS) break;                                     \

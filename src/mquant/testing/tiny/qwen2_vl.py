@@ -26,6 +26,7 @@ VOCAB = 256
 PAD_ID = 0
 TEXT_IDS = (1, 240)  # random text tokens are drawn from [1, 240): below every special id
 IMAGE_ID, VIDEO_ID, START_ID, END_ID = 250, 251, 248, 249
+BOS_ID, EOS_ID = 252, 253
 TEXT_HIDDEN = 64
 
 
@@ -91,6 +92,21 @@ def _left_pad(rows: list[torch.Tensor], types: list[torch.Tensor]) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": kinds}
 
 
+def single_row(batch: dict, row: int) -> dict:
+    """Row `row` of a `build_mrope_batch` batch on its own, padding removed: the same sample the
+    padded batch holds, for checking that padding and batching do not change its outputs."""
+    keep = batch["attention_mask"][row].bool()
+    out = {k: batch[k][row : row + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    has_image = (batch["mm_token_type_ids"] == 1).any(dim=1)
+    if has_image[row]:
+        image = int(has_image[:row].sum())  # one image per image row, in row order
+        sizes = batch["image_grid_thw"].prod(dim=1)
+        start = int(sizes[:image].sum())
+        out["pixel_values"] = batch["pixel_values"][start : start + int(sizes[image])]
+        out["image_grid_thw"] = batch["image_grid_thw"][image : image + 1]
+    return out
+
+
 def finish_tiny(model: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
     """Eval mode, `dtype`, and norm weights/biases moved off their 1/0 init (seeded) so that a
     transform which mishandles a norm's affine part shows up in equivalence tests."""
@@ -115,6 +131,8 @@ def text_config(**extra) -> dict:
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-6,
         "pad_token_id": PAD_ID,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         **extra,
     }

@@ -1,0 +1,153 @@
+"""Backend registry and the public entry points shared by the W8A8 and W4A8 kernels.
+
+A backend prepares a weight once at load time (`prepare_weight`) and then runs
+`linear_static` / `linear_dynamic`: quantize the float activation to int8 codes, integer GEMM,
+float epilogue.  All backends implement the convention of `reference.py`; they differ only in
+speed.  Backends register themselves from `int8_cpu.py` (oneDNN, FBGEMM, torch._int_mm) and
+`w4a8.py` (the native C kernels and their pure-PyTorch twin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ..errors import ConfigError, InputError
+from .packing import as_codes
+from .reference import StaticScale, row_scales, weight_groups
+
+# Activation scale handed to a backend: a Python float (static per tensor), a float32 [M] tensor
+# (static per row) or None (dynamic per row, computed by the backend at run time).
+ScaleArg = Optional[Union[float, torch.Tensor]]
+Rank1 = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A weight packed once for one backend; pass it to `linear_static` / `linear_dynamic`."""
+
+    backend: str
+    bits: int
+    n_out: int
+    k_in: int
+    group_size: int  # == k_in for per-channel scales
+    data: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    bits: tuple[int, ...]
+    per_group: bool  # accepts per-group weight scales
+    available: Callable[[], bool]
+    prepare: Callable[[torch.Tensor, torch.Tensor, int], dict[str, Any]]  # (codes, w_scale [N, G], bits)
+    run: Callable[[torch.Tensor, ScaleArg, dict[str, Any], Optional[torch.Tensor], Rank1], torch.Tensor]
+
+
+_REGISTRY: dict[tuple[int, str], Backend] = {}
+_DYNAMIC = object()  # sentinel: per-row scales computed at run time
+# Preference when several are available, fastest first (measured by benchmarks/bench_linear.py).
+_PREFERENCE: dict[int, tuple[str, ...]] = {8: ("onednn", "native", "int_mm", "fbgemm", "torch"), 4: ("native", "torch")}
+
+
+def register(backend: Backend) -> None:
+    for bits in backend.bits:
+        _REGISTRY[(bits, backend.name)] = backend
+
+
+def _ensure_registered() -> None:
+    from . import int8_cpu, w4a8  # noqa: F401  (import registers the backends)
+
+
+def available_backends(bits: int = 8, per_group: bool = False) -> list[str]:
+    """Names of the backends usable here for `bits`-bit weights, fastest first."""
+    _ensure_registered()
+    names = [n for n in _PREFERENCE.get(bits, ()) if (bits, n) in _REGISTRY]
+    return [n for n in names if _REGISTRY[(bits, n)].available() and (_REGISTRY[(bits, n)].per_group or not per_group)]
+
+
+def select_backend(bits: int = 8, per_group: bool = False) -> str:
+    """The fastest available backend for this weight width (and scale granularity)."""
+    names = available_backends(bits, per_group)
+    if not names:
+        raise ConfigError(f"no integer kernel backend for W{bits}A8 here; use bits 4 or 8")
+    return names[0]
+
+
+def _backend(bits: int, name: str) -> Backend:
+    _ensure_registered()
+    found = _REGISTRY.get((bits, name))
+    if found is None:
+        raise ConfigError(f"unknown W{bits}A8 backend {name!r}; choose one of {available_backends(bits)}")
+    if not found.available():
+        raise ConfigError(f"W{bits}A8 backend {name!r} is not available on this machine; choose one of {available_backends(bits)}")
+    return found
+
+
+def prepare_weight(codes: torch.Tensor, w_scale: torch.Tensor, backend: str | None = None,
+                   bits: int = 8) -> PreparedWeight:
+    """Pack int8 weight codes [N, K] (4-bit: int8 in [-8, 7] or packed uint8 [N, K/2]) with
+    per-channel [N] / [N, 1] or per-group [N, K/g] float scales, once, for `backend`
+    (default: `select_backend(bits)`)."""
+    if bits not in (4, 8):
+        raise ConfigError(f"weight bits must be 4 or 8, got {bits}")
+    codes = as_codes(codes.detach().cpu(), bits)
+    n_out, k_in = codes.shape
+    ws, group = weight_groups(w_scale.detach().cpu(), n_out, k_in)
+    name = backend or select_backend(bits, per_group=group != k_in)
+    impl = _backend(bits, name)
+    if group != k_in and not impl.per_group:
+        raise ConfigError(f"backend {name!r} supports per-channel weight scales only; use 'native' or 'torch' for per-group")
+    return PreparedWeight(name, bits, n_out, k_in, group, impl.prepare(codes.contiguous(), ws, bits))
+
+
+def _flat_input(x: torch.Tensor, prepared: PreparedWeight) -> torch.Tensor:
+    if x.shape[-1] != prepared.k_in:
+        raise InputError(f"activation has {x.shape[-1]} features but the weight expects {prepared.k_in}")
+    return x.reshape(-1, prepared.k_in).to(torch.float32).contiguous()
+
+
+def _flat_rank1(rank1: Rank1, rows: int, prepared: PreparedWeight) -> Rank1:
+    if rank1 is None:
+        return None
+    a = rank1[0].reshape(-1).to(torch.float32).contiguous()
+    b = rank1[1].reshape(-1).to(torch.float32).contiguous()
+    if a.numel() != rows or b.numel() != prepared.n_out:
+        raise InputError(f"rank-1 term has {a.numel()} x {b.numel()} values for a {rows} x {prepared.n_out} output")
+    return a, b
+
+
+def _static_scale_arg(x_scale: StaticScale, rows: int) -> ScaleArg:
+    if isinstance(x_scale, (int, float)):
+        return float(torch.tensor(float(x_scale), dtype=torch.float32))  # the float32 value
+    if isinstance(x_scale, torch.Tensor) and x_scale.numel() == 1:
+        return float(x_scale.reshape(()).to(torch.float32))
+    return row_scales(x_scale, rows).contiguous()
+
+
+def _run(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tensor | None,
+         rank1: Rank1, out_dtype: torch.dtype | None) -> torch.Tensor:
+    x2 = _flat_input(x, prepared)
+    scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, x2.shape[0])
+    b32 = None if bias is None else bias.reshape(-1).to(torch.float32).contiguous()
+    if b32 is not None and b32.numel() != prepared.n_out:
+        raise InputError(f"bias has {b32.numel()} values for {prepared.n_out} outputs")
+    impl = _backend(prepared.bits, prepared.backend)
+    y = impl.run(x2, scale_arg, prepared.data, b32, _flat_rank1(rank1, x2.shape[0], prepared))
+    return y.reshape(*x.shape[:-1], prepared.n_out).to(out_dtype or x.dtype)
+
+
+def linear_static(x: torch.Tensor, x_scale: StaticScale, prepared: PreparedWeight,
+                  bias: torch.Tensor | None = None, rank1: Rank1 = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = Q(x) W^T + bias (+ a b^T) with static activation scales: a scalar (per tensor), a [M]
+    vector, or row blocks [(start, stop, scale), ...] over the flattened rows of x [..., K]."""
+    return _run(x, x_scale, prepared, bias, rank1, out_dtype)
+
+
+def linear_dynamic(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None = None,
+                   rank1: Rank1 = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Same GEMM with per-row (per-token) scales absmax/127 computed at run time: the baseline."""
+    return _run(x, _DYNAMIC, prepared, bias, rank1, out_dtype)

@@ -1,0 +1,119 @@
+"""W4A8 (and same-family W8A8): the native C kernels and their pure-PyTorch twin.
+
+`native`: csrc/qgemm_*.c through ctypes.  4-bit weights stay packed two per byte in memory and are
+unpacked in registers (AND / shift-AND) right before VPDPBUSD; one call quantizes the activation
+(static or dynamic per row), runs the GEMM over 2 threads and applies scales, bias and the rank-1
+term.  `torch`: the same maths in torch ops, selected automatically where the library cannot be
+built or loaded; it rounds its float epilogue in exactly the same order, so both give identical
+results (tests/kernels/test_w4a8.py proves it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError, ResourceError
+from . import _native
+from .common import Backend, PreparedWeight, Rank1, ScaleArg, register
+from .packing import native_layout, native_scales, pack_native
+from .reference import dynamic_row_scales, quantize_rows
+
+_MQ_ERRORS = {-1: "the requested ISA level is not supported by this CPU",
+              -2: "invalid shapes for the native kernel", -3: "out of memory for activation buffers"}
+_FALLBACK_CHUNK_BYTES = 1 << 28  # bound on the [groups, M, N] float64 partial sums of the fallback
+
+
+def _row_scales_arg(scale: ScaleArg, rows: int) -> Optional[torch.Tensor]:
+    if scale is None:
+        return None
+    if isinstance(scale, float):
+        return torch.full((rows,), scale, dtype=torch.float32)
+    return scale
+
+
+# ---- native --------------------------------------------------------------------------------
+def _native_available() -> bool:
+    return _native.lib() is not None
+
+
+def _native_prepare(codes: torch.Tensor, ws: torch.Tensor, bits: int) -> dict[str, Any]:
+    layout = native_layout(bits, codes.shape[0], codes.shape[1], ws.shape[1])
+    if bits == 8 and layout.k_pad > 65536:
+        raise ConfigError(f"8-bit native kernel limited to 65536 input features (int32 sums), got {layout.k_in}")
+    return {"layout": layout, "packed": pack_native(codes, layout), "scales": native_scales(ws, layout)}
+
+
+def run_native(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Optional[torch.Tensor],
+               rank1: Rank1, isa: int = -1) -> torch.Tensor:
+    """x float32 [M, K] contiguous -> y float32 [M, N].  isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512
+    VNNI (lower levels are forced only by tests)."""
+    lib = _native.lib()
+    layout = data["layout"]
+    rows = x.shape[0]
+    y = torch.empty(rows, layout.n_out, dtype=torch.float32)
+    scales = _row_scales_arg(scale, rows)
+    a, b = rank1 if rank1 is not None else (None, None)
+    rc = lib.mq_linear(
+        x.data_ptr(), rows, layout.k_in, _native.ptr(scales), data["packed"].data_ptr(), layout.bits,
+        layout.n_out, layout.n_pad, layout.k_pad, layout.groups, layout.group_k, data["scales"].data_ptr(),
+        _native.ptr(bias), _native.ptr(a), _native.ptr(b), y.data_ptr(), None, _native.num_threads(), isa)
+    if rc != 0:
+        error = ResourceError if rc == -3 else ConfigError
+        raise error(f"native W{layout.bits}A8 kernel failed: {_MQ_ERRORS.get(rc, rc)}")
+    return y
+
+
+# ---- pure PyTorch twin -----------------------------------------------------------------------
+def _torch_prepare(codes: torch.Tensor, ws: torch.Tensor, bits: int) -> dict[str, Any]:
+    return {"codes": codes, "scales": ws, "group": codes.shape[1] // ws.shape[1]}
+
+
+def _group_sums(xq: torch.Tensor, codes: torch.Tensor, group: int, first: int, last: int) -> torch.Tensor:
+    """Exact integer dot products per group as float64 [groups, M, N] (float64 holds them exactly
+    and, unlike float32 matmul, has no reduced-precision mode that could round them)."""
+    xs = xq[:, first * group:last * group].to(torch.float64).reshape(xq.shape[0], -1, group).transpose(0, 1)
+    ws = codes[:, first * group:last * group].to(torch.float64).reshape(codes.shape[0], -1, group).permute(1, 2, 0)
+    return torch.bmm(xs, ws)
+
+
+def run_torch(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Optional[torch.Tensor],
+              rank1: Rank1) -> torch.Tensor:
+    """Same result as `run_native`, bit for bit: float(int sum) * s_w summed over groups in order,
+    then * s_x, + bias, + a*b, each rounded to float32 once."""
+    codes, ws, group = data["codes"], data["scales"], data["group"]
+    rows = x.shape[0]
+    scales = dynamic_row_scales(x) if scale is None else _row_scales_arg(scale, rows)
+    xq = quantize_rows(x, scales)
+    groups = ws.shape[1]
+    chunk = max(1, _FALLBACK_CHUNK_BYTES // max(1, 8 * rows * codes.shape[0]))
+    f: Optional[torch.Tensor] = None
+    for first in range(0, groups, chunk):
+        sums = _group_sums(xq, codes, group, first, min(groups, first + chunk)).to(torch.float32)
+        for i in range(sums.shape[0]):
+            t = sums[i] * ws[:, first + i]
+            f = t if f is None else f + t
+    y = f * scales.reshape(-1, 1)
+    if bias is not None:
+        y = y + bias
+    if rank1 is not None:
+        y = y + rank1[0].reshape(-1, 1) * rank1[1].reshape(1, -1)
+    return y
+
+
+register(Backend("native", (4, 8), True, _native_available, _native_prepare, run_native))
+register(Backend("torch", (4, 8), True, lambda: True, _torch_prepare, run_torch))
+
+
+def native_isa() -> str:
+    """Instruction-set level the native kernels run with here ('unavailable' without the library)."""
+    level = _native.isa()
+    return _native.ISA_NAMES.get(level, "unavailable")
+
+
+def prepare_w4(weight: torch.Tensor, w_scale: torch.Tensor, backend: str | None = None) -> PreparedWeight:
+    """`prepare_weight` for 4-bit weights: int8 codes in [-8, 7] or packed uint8 [N, K/2]."""
+    from .common import prepare_weight
+
+    return prepare_weight(weight, w_scale, backend, bits=4)

@@ -1,0 +1,39 @@
+"""Recipe step "rms" (pre_quant hook): rotation magnitude suppression (MQUANT.md §4).
+
+After the online Hadamard, channel 0 of a layer's input is Σx/√n — the input's mean direction,
+a massive outlier after GELU/SwiGLU — and column 0 of its weight is √n·mean_over_inputs(W).
+`QuantLinear.enable_rms_split` takes that channel out of the quantized GEMM and computes it as a
+float rank-1 term (x₀·w₀): exact in float. Applied to every online-rotated linear of the block
+whose measured outlier ratio (max / median channel |x|, from the float statistics pass) exceeds
+`recipe.rms_threshold` (all of them when the threshold is None, as the authors' code does); the
+ratio before is kept on the module, so the report shows it next to the ratio re-measured after.
+"""
+
+from __future__ import annotations
+
+from ..calib.stats import GroupStats
+from ..models.spec import BlockSpec, ProjectorSpec
+from ..quant.qlinear import QuantLinear
+from .pipeline import register_step
+
+
+@register_step("rms", "pre_quant")
+def run(block: BlockSpec | ProjectorSpec, stats: dict[int, GroupStats], records: list, recipe=None) -> bool:
+    """Split channel 0 off the block's online-rotated linears; True when something changed."""
+    threshold = None if recipe is None else recipe.rms_threshold
+    changed = False
+    for index, group in enumerate(block.groups):
+        group_stats = stats.get(index)
+        if group_stats is None or group_stats.absmax_channel is None:
+            continue
+        ratio = group_stats.outlier_ratio()
+        for ref in group.linears:
+            module = ref.module
+            if not isinstance(module, QuantLinear) or not module.online_hadamard or module.rms_split:
+                continue
+            if threshold is not None and ratio <= threshold:
+                continue
+            module.outlier_ratio_before = ratio
+            module.enable_rms_split()
+            changed = True
+    return changed
