@@ -116,48 +116,8 @@ def save_quantized(model: nn.Module, out_dir, processor: Any = None, report: Qua
 
 
 def load_quantized(model_dir) -> nn.Module:
-    """Rebuild a model saved by `save_quantized`; its outputs are bit-identical to the saved one."""
-    import transformers
-    from transformers import AutoConfig
+    """Rebuild a model saved by `save_quantized`; its outputs are bit-identical to the saved one.
+    Any problem with the directory raises CheckpointError naming the file (see export/loader.py)."""
+    from .export.loader import load_quantized as _load
 
-    from .errors import CheckpointError
-    from .export.native import read_meta, read_tensors, restore_quantized_layers
-    from .quant.quantizer import unpack_int4
-    from .transforms.structure import apply_structure
-
-    meta = read_meta(model_dir)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}/config.json is missing or invalid ({str(exc).splitlines()[0][:100]})") from exc
-    model_cls = getattr(transformers, meta.get("model_class", ""), None)
-    if model_cls is None:
-        raise CheckpointError(f"{model_dir}: unknown model class {meta.get('model_class')!r}; was it saved by a newer transformers?")
-    tensors = read_tensors(model_dir)
-    model = model_cls._from_config(config, dtype=torch.float32).eval()
-    adapter = get_adapter(model)
-    spec = adapter.validate(model)
-    apply_structure(model, adapter, spec, meta.get("structure", {}))
-    spec = adapter.validate(model)
-    ctx = ModalityContext()
-    wrap_linears(model, spec, ctx)
-    restore_quantized_layers(model, meta["layers"], tensors)
-    layers = meta["layers"]
-    for key in list(tensors):
-        owner, _, leaf = key.rpartition(".")
-        if leaf == "qweight" and owner in layers and layers[owner]["weight_bits"] == 4:
-            tensors[key] = unpack_int4(tensors[key])
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{model_dir}: weights do not match the model ({str(exc).splitlines()[1].strip()[:140]})") from exc
-    spec = adapter.validate(model)
-    model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
-    model._mquant_ctx = ctx
-    recipe = Recipe.from_dict(meta["recipe"]) if meta.get("recipe") else None
-    model.mquant_recipe = recipe
-    model.mquant_structure = meta.get("structure", {})
-    if recipe is not None:
-        for step in steps_for(recipe, "post"):
-            step.run(model, adapter, spec, recipe)
-    return model
+    return _load(model_dir)

@@ -17,9 +17,19 @@ BATCHES = [{}, {"padding": True, "text_only_row": True, "batch_size": 3}]
 TOKENS = 16  # 4x4 patches, CLS dropped ("default")
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_dinov2"])
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_case("llava", dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def dino():
+    return tiny_case("llava_dinov2", dtype=torch.float64)
+
+
+@pytest.fixture(params=["clip", "dino"])
 def case(request):
-    return tiny_case(request.param, dtype=torch.float64)
+    return request.getfixturevalue(request.param)
 
 
 class _Edited(LlavaAdapter):
@@ -56,8 +66,8 @@ def test_spec_matches_forward_dataflow(case, kwargs):
     assert int(LlavaAdapter().visual_token_mask(case.model, batch["input_ids"]).sum()) == n_images * TOKENS
 
 
-def test_clip_structure():
-    model = tiny_case("llava").model
+def test_clip_structure(clip):
+    model = clip.model
     spec, tower = LlavaAdapter().validate(model), model.model.vision_tower
     assert spec.vision.input_norm.module is tower.pre_layrnorm and spec.vision.input_norm.feeds == ()
     assert [p.attr for p in spec.vision.input_writers] == ["weight", "class_embedding", "weight"]
@@ -70,8 +80,8 @@ def test_clip_structure():
     assert not spec.language.tied_embeddings and spec.image_token_ids == (tiny_llava.IMAGE_ID,)
 
 
-def test_dinov2_structure_has_layer_scales_and_tied_lm_head():
-    model = tiny_case("llava_dinov2").model
+def test_dinov2_structure_has_layer_scales_and_tied_lm_head(dino):
+    model = dino.model
     spec, layer = LlavaAdapter().validate(model), model.model.vision_tower.encoder.layer[0]
     block = spec.vision.blocks[0]
     assert [(s.module, s.writer.module) for s in block.layer_scales] == [
@@ -110,14 +120,13 @@ def _wrong_token_ids(spec):
     (_swap_block_norms, "input_layernorm -> .*gate_proj"),
     (_wrong_feature_layer, "spec says"),
 ])
-def test_forward_checks_catch_a_wrong_spec(edit, message):
-    case = tiny_case("llava_dinov2", dtype=torch.float64)
+def test_forward_checks_catch_a_wrong_spec(dino, edit, message):
     with pytest.raises(AssertionError, match=message):
-        check_spec_against_forward(case.model, _Edited(edit), case.batch(padding=True))
+        check_spec_against_forward(dino.model, _Edited(edit), dino.batch(padding=True))
 
 
-def test_wrong_image_token_id_is_caught():
-    case = tiny_case("llava", dtype=torch.float64)
+def test_wrong_image_token_id_is_caught(clip):
+    case = clip
     adapter = _Edited(_wrong_token_ids)
     adapter.spec_token_ids = lambda model: (tiny_llava.IMAGE_ID - 1,)
     with pytest.raises(AssertionError, match="visual_token_mask"):
@@ -135,8 +144,32 @@ def test_padded_text_only_batch_matches_single_rows_in_float64(case):
     torch.testing.assert_close(logits[2, keep], alone[0], rtol=1e-6, atol=1e-6)
 
 
-def test_unknown_vision_tower_is_rejected():
-    model = tiny_case("llava").model
-    model.model.vision_tower.config.model_type = "my_vit"
-    with pytest.raises(UnsupportedModelError, match="my_vit"):
-        LlavaAdapter().validate(model)
+def test_unknown_vision_tower_is_rejected(clip):
+    config = clip.model.model.vision_tower.config
+    config.model_type = "my_vit"
+    try:
+        with pytest.raises(UnsupportedModelError, match="my_vit"):
+            LlavaAdapter().validate(clip.model)
+    finally:
+        config.model_type = "clip_vision_model"
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_dinov2"])
+def test_float32_instances_pass_the_forward_checks(family):
+    case32 = tiny_case(family)
+    batch = case32.batch(padding=True, text_only_row=True, batch_size=3)
+    assert batch["pixel_values"].dtype == torch.float32
+    check_spec_against_forward(case32.model, LlavaAdapter(), batch)
+
+
+def test_concatenated_feature_layers_are_read_chunk_by_chunk():
+    """vision_feature_layer=[0, -2]: linear_1 reads [embeddings-stream | block-0 output], CLS kept."""
+    config = tiny_llava.llava_config(tiny_llava.tiny_clip(), tie=False, vision_feature_layer=[0, -2],
+                                     vision_feature_select_strategy="full")
+    case = tiny_llava.llava_case("llava", config, 0, torch.float64, 32, 17)
+    spec = check_spec_against_forward(case.model, LlavaAdapter(), case.batch(padding=True))
+    assert spec.extra["vision_feature_layers"] == (0, 1)
+    assert spec.vision.raw_readers[0].module.in_features == 2 * spec.vision.hidden_size
+    wrong = _Edited(lambda s: dataclasses.replace(s, extra={**s.extra, "vision_feature_layers": (1, 0)}))
+    with pytest.raises(AssertionError, match="spec says"):
+        check_spec_against_forward(case.model, wrong, case.batch())

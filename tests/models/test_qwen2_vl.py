@@ -84,3 +84,21 @@ def test_float64_mixed_batch_matches_rows_run_alone(attn, padding):
             keep = batch["attention_mask"][row].bool()
             torch.testing.assert_close(logits[row, keep], alone, rtol=1e-9, atol=1e-9)
     assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
+
+
+def test_mrope_positions_of_the_batch_follow_the_image_grid(case):
+    # get_rope_index reads mm_token_type_ids (not the ids): text advances 1-D; an image's tokens take
+    # (t, h, w) = start + grid index of its merged 2x2 units; text resumes at start + max(h, w) / merge.
+    batch = case.batch(padding=True, batch_size=2)
+    positions, _ = case.model.model.get_rope_index(
+        batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    row = positions[:, 1, batch["attention_mask"][1].bool()]  # left-padded row: 4 text, start, 2x4 units
+    start = 5
+    image = row[:, start : start + 8]
+    assert image[0].tolist() == [start] * 8
+    assert image[1].tolist() == [start + i // 4 for i in range(8)]
+    assert image[2].tolist() == [start + i % 4 for i in range(8)]
+    assert row[:, start + 8].tolist() == [start + 4] * 3  # end token: start + max(2, 4)
+    assert positions[:, 1, ~batch["attention_mask"][1].bool()].eq(0).all()

@@ -3,12 +3,15 @@
 Layout of a saved directory:
   config.json          the transformers model config (architecture to rebuild)
   mquant_config.json   format + version, recipe, calibration provenance, per-layer quantization
-                       metadata (bits, act mode, online Hadamard, RMS split), structural transforms
+                       metadata (bits, act mode, online Hadamard, RMS split), structural transforms,
+                       the float dtype and attention implementation the model ran with
   model.safetensors    every tensor: float parameters/buffers plus, per QuantLinear, the integer
                        weight codes (int8; 4-bit codes packed two per byte), scales and static
                        activation scales (two per layer under modality-specific quantization)
   processor files      when the processor can be saved (tokenizer etc.)
-Loading reads only JSON and safetensors: nothing is unpickled.
+Loading reads only JSON and safetensors: nothing is unpickled. The dtype and attention
+implementation are saved because they change the float maths around the quantized GEMMs: without
+them a reloaded model would not be bit-identical to the saved one.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from ..quant.qlinear import QuantLinear
 from ..quant.quantizer import pack_int4, unpack_int4
 from ..quant.swap import quant_linears
 from .atomic import atomic_directory
+from .validate import check_layer_tensors, validate_meta
 
 FORMAT_NAME = "mquant"
 FORMAT_VERSION = 1
 CONFIG_NAME = "mquant_config.json"
 WEIGHTS_NAME = "model.safetensors"
+_REQUANTIZE = "re-run `mquant quantize`"
 
 
 def _layer_meta(m: QuantLinear) -> dict[str, Any]:
@@ -64,6 +69,31 @@ def quantized_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, {name: _layer_meta(m) for name, m in layers.items()}
 
 
+def attn_implementations(config: Any) -> dict[str, str | None]:
+    """The attention implementation of the config and each sub-config ("" is the top level)."""
+    out = {"": getattr(config, "_attn_implementation", None)}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = getattr(sub, "_attn_implementation", None)
+    return out
+
+
+def float_dtype(model: nn.Module) -> str:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """dtypes of the non-persistent float buffers (rotary inv_freq…): they are rebuilt, not saved,
+    and a model cast with `.to(dtype)` holds them in a dtype a fresh build would not choose."""
+    saved = set(model.state_dict())
+    return {name: str(buf.dtype).removeprefix("torch.") for name, buf in model.named_buffers()
+            if name not in saved and buf.is_floating_point()}
+
+
 def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None, extra: dict[str, Any] | None = None,
                    report: Any = None) -> Path:
     """Write `model` (after `mquant.quantize`) to `out_dir` atomically."""
@@ -73,6 +103,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
+        "dtype": float_dtype(model),
+        "attn_implementation": attn_implementations(model.config),
+        "buffer_dtypes": buffer_dtypes(model),
         "recipe": recipe.to_dict() if recipe is not None else None,
         "layers": layers,
         "structure": getattr(model, "mquant_structure", {}),
@@ -94,54 +127,77 @@ def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None,
 
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_NAME
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{path} is missing: {model_dir} is not a directory written by `mquant quantize`")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); re-run `mquant quantize`") from exc
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = getattr(exc, "msg", None) or type(exc).__name__
+        raise CheckpointError(f"{path} is not valid JSON ({reason}); {_REQUANTIZE}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror}); check its permissions") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not an mquant config; re-run `mquant quantize`")
-    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not an mquant config; {_REQUANTIZE}")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise CheckpointError(
-            f"{path} has format version {meta.get('format_version')}, this mquant reads {FORMAT_VERSION}; re-quantize or use a matching mquant"
+            f"{path} has format version {version!r}, this mquant reads {FORMAT_VERSION}; re-quantize or use a matching mquant"
         )
+    validate_meta(meta, path)
     return meta
+
+
+def read_config(model_dir: str | Path, meta: dict[str, Any]) -> Any:
+    """The transformers config, with the attention implementation the model was saved with."""
+    from transformers import AutoConfig
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; copy the whole directory written by `mquant quantize`")
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except Exception as exc:  # noqa: BLE001 - config classes validate with many exception types (strict dataclasses…)
+        raise CheckpointError(f"{path} is invalid ({_first_line(exc)}); restore it or {_REQUANTIZE}") from exc
+    if meta.get("attn_implementation"):
+        config._attn_implementation = dict(meta["attn_implementation"])
+    return config
 
 
 def read_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(model_dir) / WEIGHTS_NAME
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{path} is missing; copy the whole directory written by `mquant quantize`")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(exc).splitlines()[0][:120]}); re-run `mquant quantize`") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({_first_line(exc)}); {_REQUANTIZE}") from exc
 
 
-def restore_quantized_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (" ".join(lines) if lines else type(exc).__name__)[:160]
+
+
+def restore_quantized_layers(model: nn.Module, layers: dict[str, Any], tensors: dict[str, torch.Tensor],
+                             path: Path | str = WEIGHTS_NAME) -> None:
     """Put saved codes and scales into the model's (already wrapped) QuantLinears."""
     present = quant_linears(model)
+    missing = sorted(set(present) - set(layers))
+    if missing:
+        raise CheckpointError(f"{path}: the model has layer {missing[0]} that the checkpoint does not quantize; the config and weights disagree")
     for name, info in layers.items():
         module = present.get(name)
         if module is None or (module.in_features, module.out_features) != (info["in_features"], info["out_features"]):
-            raise CheckpointError(f"layer {name} in the checkpoint does not match the model architecture; the config and weights disagree")
-        codes = _tensor(tensors, f"{name}.qweight")
+            raise CheckpointError(f"{path}: layer {name} does not match the architecture in config.json; restore config.json or {_REQUANTIZE}")
+        check_layer_tensors(name, info, tensors, Path(path))
+        codes = tensors[f"{name}.qweight"]
         if info["weight_bits"] == 4:
             codes = unpack_int4(codes)
-        if tuple(codes.shape) != (module.out_features, module.in_features):
-            raise CheckpointError(f"{name}.qweight has shape {tuple(codes.shape)}, expected {(module.out_features, module.in_features)}")
         module.online_hadamard = info["online_hadamard"]
         if info["rms_split"]:
             module.rms_split = True
-            module.rms_w0 = _tensor(tensors, f"{name}.rms_w0")
+            module.rms_w0 = tensors[f"{name}.rms_w0"]
         act_scale = tensors.get(f"{name}.act_scale")
-        module.set_quantized(codes, _tensor(tensors, f"{name}.w_scale"), info["weight_bits"], info["act_bits"], info["act_dynamic"], act_scale)
+        module.set_quantized(codes, tensors[f"{name}.w_scale"], info["weight_bits"], info["act_bits"], info["act_dynamic"], act_scale)
         if info["bias"]:
-            module.bias = nn.Parameter(_tensor(tensors, f"{name}.bias"), requires_grad=False)
-
-
-def _tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in tensors:
-        raise CheckpointError(f"tensor {key} is missing from {WEIGHTS_NAME}; the checkpoint is incomplete")
-    return tensors[key]
+            module.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)

@@ -36,14 +36,12 @@ class _Recorder:
     def __init__(self) -> None:
         self.inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.outputs: dict[int, list[torch.Tensor]] = defaultdict(list)
-        self._handles: list = []
-        self._watched: set[int] = set()
+        self._handles: dict[int, tuple] = {}
 
     def watch(self, module: nn.Module) -> None:
-        if id(module) in self._watched:
-            return
-        self._watched.add(id(module))
         key = id(module)
+        if key in self._handles:
+            return
 
         def pre(_mod, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
@@ -55,12 +53,13 @@ class _Recorder:
             if isinstance(y, torch.Tensor):
                 self.outputs[key].append(y.detach())
 
-        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+        self._handles[key] = (module.register_forward_pre_hook(pre, with_kwargs=True),
+                              module.register_forward_hook(post, with_kwargs=True))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for pair in self._handles.values():
+            for handle in pair:
+                handle.remove()
 
     def first_in(self, module: nn.Module, what: str) -> torch.Tensor:
         calls = self.inputs.get(id(module))
@@ -96,12 +95,8 @@ def _chunks(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.reshape(-1, width)
 
 
-def _tower_of(spec: ModelSpec) -> Iterable[TowerSpec]:
-    return (spec.vision, spec.language)
-
-
 def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
-    for tower in _tower_of(spec):
+    for tower in (spec.vision, spec.language):
         for norm in _tower_norms(tower):
             rec.watch(norm.module)
             for ref in norm.feeds:
@@ -116,11 +111,10 @@ def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
                 rec.watch(ref.module)
             for norm in block.norms + block.post_norms:
                 rec.watch(norm.module)
-        for param in tower.input_writers:
-            if isinstance(param.module, nn.Embedding):
-                rec.watch(param.module)
     for ref in spec.projector.linears():
         rec.watch(ref.module)
+    for param in spec.language.input_writers:
+        rec.watch(param.module)
     if spec.projector.norm is not None:
         rec.watch(spec.projector.norm.module)
 
@@ -277,6 +271,25 @@ def _check_visual_mask(rec: _Recorder, spec: ModelSpec, adapter: ModelAdapter, m
     assert bad.numel() == 0, (
         f"visual_token_mask disagrees with the positions holding vision features at {bad[:4].tolist()} "
         f"(mask {int(mask.sum())} tokens, replaced {int(replaced.sum())})")
+    _check_visual_rows_have_writers(rec, spec, x0[mask])
+
+
+def _check_visual_rows_have_writers(rec: _Recorder, spec: ModelSpec, rows: torch.Tensor) -> None:
+    """Every visual row of the language input is an output row of a linear input writer (the projector's
+    last linear) or a row of a listed parameter (LLaVA-OneVision's image_newline)."""
+    hidden = spec.language.hidden_size
+    sources = []
+    for param in spec.language.input_writers:
+        if isinstance(param.module, nn.Linear):
+            sources += [_chunks(y, hidden) for y in rec.outputs.get(id(param.module), [])]
+        elif not isinstance(param.module, nn.Embedding):
+            value = getattr(param.module, param.attr).detach()
+            if value.shape[-1] == hidden:
+                sources.append(_chunks(value, hidden))
+    found = bool(sources) and _rows_found(rows, torch.cat([s.to(rows.dtype) for s in sources]))
+    assert found or rows.numel() == 0, (
+        "visual rows of the language input are not outputs of the declared language input_writers "
+        f"{[p.name for p in spec.language.input_writers]} (the projector output linear must be listed, axis 0)")
 
 
 def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: dict) -> ModelSpec:
@@ -292,7 +305,7 @@ def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: d
             model(**batch)
     finally:
         rec.remove()
-    for tower in _tower_of(spec):
+    for tower in (spec.vision, spec.language):
         _check_tower(rec, tower, spec)
     _check_groups(rec, spec.projector.groups, f"projector {spec.projector.name}")
     if spec.projector.norm is not None:

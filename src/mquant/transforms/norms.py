@@ -32,7 +32,7 @@ STRUCTURE_KEY = "norms"
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     work = x if x.dtype == torch.float64 else x.float()
     out = work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + eps)
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous()  # like F.layer_norm: model code may .view() the result
 
 
 class UnifiedRMSNorm(nn.Module):

@@ -40,7 +40,7 @@ ALWAYS_INLINE __mmask16 col_mask(const mq_gemm_args *a, int64_t n0)
 ALWAYS_INLINE void tile(const mq_gemm_args *a, int64_t m0, int64_t cb0, const int MR, const int NB,
                         const int BITS)
 {
-    const int DUAL = MR <= 2;
+    const int DUAL = MR <= DUAL_MAX;
     const int64_t line_k = BITS == 4 ? 8 : 4;
     const int64_t lines = a->K_pad / line_k, glines = a->gk / line_k;
     const __m512i m4 = _mm512_set1_epi8(0x0F);

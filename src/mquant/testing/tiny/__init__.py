@@ -42,7 +42,7 @@ def register_tiny(family: str):
 def tiny_case(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyCase:
     """Build a tiny model of `family` (eval mode, `dtype`) with deterministic weights."""
     if family not in _BUILDERS:
-        module = {"qwen2_5_vl": "qwen2_vl"}.get(family, family)
+        module = {"qwen2_5_vl": "qwen2_vl", "llava_dinov2": "llava", "smolvlm": "idefics3"}.get(family, family)
         import_module(f"{__name__}.{module}")
     torch.manual_seed(seed)
     return _BUILDERS[family](seed=seed, dtype=dtype)

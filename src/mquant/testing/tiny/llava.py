@@ -87,7 +87,7 @@ def tiny_llama(hidden: int = 64, tie: bool = False) -> LlamaConfig:
     )
 
 
-def _llava_case(family: str, config: LlavaConfig, seed: int, dtype: torch.dtype, image_size: int,
+def llava_case(family: str, config: LlavaConfig, seed: int, dtype: torch.dtype, image_size: int,
                 image_tokens: int) -> TinyCase:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
@@ -107,7 +107,7 @@ def _llava_case(family: str, config: LlavaConfig, seed: int, dtype: torch.dtype,
     return TinyCase(family, model, make_batch)
 
 
-def _make(vision_config, tie: bool, **kwargs) -> LlavaConfig:
+def llava_config(vision_config, tie: bool, **kwargs) -> LlavaConfig:
     config = LlavaConfig(
         vision_config=vision_config, text_config=tiny_llama(tie=tie), image_token_index=IMAGE_ID,
         projector_hidden_act="gelu", tie_word_embeddings=tie, **kwargs,
@@ -116,13 +116,16 @@ def _make(vision_config, tie: bool, **kwargs) -> LlavaConfig:
     return config
 
 
+def tiny_clip() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8, projection_dim=32)
+
+
 @register_tiny("llava")
 def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyCase:
     """CLIP 32x32 images, patch 8 -> 16 patches (+CLS); LLaVA-1.5 settings: layer -2, "default"."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=32)
-    config = _make(vision, tie=False, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    return _llava_case("llava", config, seed, dtype, 32, (32 // 8) ** 2)
+    config = llava_config(tiny_clip(), tie=False, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return llava_case("llava", config, seed, dtype, 32, (32 // 8) ** 2)
 
 
 @register_tiny("llava_dinov2")
@@ -130,6 +133,6 @@ def tiny_llava_dinov2(seed: int = 0, dtype: torch.dtype = torch.float32) -> Tiny
     """DINOv2 28x28 images, patch 7 -> 16 patches; layer -1 (raw, pre-final-norm), CLS dropped."""
     vision = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                           image_size=28, patch_size=7, layerscale_value=1.0)
-    config = _make(vision, tie=True, vision_feature_layer=-1, vision_feature_select_strategy="default")
-    return _llava_case("llava_dinov2", config, seed, dtype, 28, (28 // 7) ** 2)
+    config = llava_config(vision, tie=True, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return llava_case("llava_dinov2", config, seed, dtype, 28, (28 // 7) ** 2)
 
