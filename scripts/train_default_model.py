@@ -1,14 +1,14 @@
 """Train the default VLM's projector and a small LoRA on SmolLM2, on the easy-VQA TRAIN split only.
 
 The DINOv2 tower is frozen, so its patch features for all train images are computed once and cached
-in /tmp. Each training sequence is one image followed by `--qa-per-seq` question/answer turns of that
-image (the first turn is exactly the single-turn inference prompt); the image tokens are shared by
-the turns, which makes each (expensive, CPU-only) step supervise several answers. Loss: answer
+in /tmp. Each training sequence packs one image with all its questions, every question computed exactly
+as its own single-turn prompt (see `pack_image`), so the 64 image tokens -- most of the cost of a
+CPU step -- are run once for ~10 supervised answers. Loss: answer
 tokens and their `<|im_end|>` only. Weights are written every `--save-every` steps into
 src/mquant/default_model/weights/ (projector with the feature standardisation folded in, LoRA
 factors in fp16, sha256 file), so an interrupted run leaves a usable checkpoint.
 
-    python scripts/train_default_model.py --steps 600 > /tmp/train.log 2>&1
+    nohup python scripts/train_default_model.py --minutes 70 > /tmp/train.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -99,37 +99,72 @@ def add_lora(lm: torch.nn.Module, rank: int, alpha: float) -> dict[str, LoRALine
     return wrapped
 
 
-def build_sequence(proc: DefaultProcessor, qas: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
-    """Multi-turn ChatML ids and labels (-100 except answer tokens + their <|im_end|>)."""
+def pack_image(proc: DefaultProcessor, qas: list[tuple[str, str]]) -> dict[str, list]:
+    """One image with several questions, each computed exactly as its own single-turn prompt.
+
+    Layout: shared prefix (ChatML header + image tokens), then one segment per question
+    (`\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>`). Segments get the position ids they
+    would have alone and attend only to the prefix and themselves (4D mask), so packing changes the
+    cost, not the maths: the image tokens are run once for ~10 supervised answers.
+    """
     tok = proc.tokenizer
     ids: list[int] = []
     labels: list[int] = []
-    for turn, (q, a) in enumerate(qas):
-        prompt = proc.encode_prompt(q) if turn == 0 else tok(
-            f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    pos: list[int] = []
+    seg: list[int] = []  # 0 = prefix, k = k-th question
+    for k, (q, a) in enumerate(qas, start=1):
+        prompt = proc.encode_prompt(q)
+        cut = max(i for i, t in enumerate(prompt) if t == proc.image_token_id) + 1
         answer = tok(f"{a}<|im_end|>", add_special_tokens=False).input_ids
-        ids += prompt + answer
-        labels += [-100] * len(prompt) + answer
-    return ids, labels
+        if k == 1:
+            ids, labels, pos, seg = prompt[:cut], [-100] * cut, list(range(cut)), [0] * cut
+        elif prompt[:cut] != ids[:cut]:
+            raise RuntimeError("image prefix differs between questions; tokenization is not prefix-stable")
+        body = prompt[cut:] + answer
+        ids += body
+        labels += [-100] * (len(prompt) - cut) + answer
+        pos += list(range(cut, cut + len(body)))
+        seg += [k] * len(body)
+    return {"ids": ids, "labels": labels, "pos": pos, "seg": seg}
 
 
-def lm_loss(lm, proj, feats, batch_ids, batch_labels, image_token_id):
-    """Cross-entropy on labelled positions; lm_head is applied only where a label exists."""
-    width = max(len(x) for x in batch_ids)
-    ids = torch.full((len(batch_ids), width), 2, dtype=torch.long)
-    labels = torch.full((len(batch_ids), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-    for r, (x, y) in enumerate(zip(batch_ids, batch_labels)):
-        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+def collate(samples: list[dict[str, list]]) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids/labels/positions and a boolean (B, 1, T, T) mask (True = may attend)."""
+    width = max(len(s["ids"]) for s in samples)
+    n = len(samples)
+    ids = torch.full((n, width), 2, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    for r, s in enumerate(samples):
+        L = len(s["ids"])
+        ids[r, :L], labels[r, :L] = torch.tensor(s["ids"]), torch.tensor(s["labels"])
+        pos[r, :L], seg[r, :L] = torch.tensor(s["pos"]), torch.tensor(s["seg"])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = seg.unsqueeze(2) == seg.unsqueeze(1)
+    to_prefix = (seg.unsqueeze(1) == 0) & (seg.unsqueeze(2) >= 0)
+    mask = causal & (same | to_prefix)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves (no NaN rows)
+    return ids, labels, pos, mask.unsqueeze(1)
+
+
+def lm_loss(lm, proj, feats, samples, image_token_id):
+    """Cross-entropy on labelled positions; lm_head is applied only where a label exists.
+
+    Returns (loss, correct-per-labelled-token, index of the first answer token of every question).
+    """
+    ids, labels, pos, mask = collate(samples)
     emb = lm.model.embed_tokens(ids)
     img = proj(feats).to(emb.dtype)
     emb = emb.masked_scatter((ids == image_token_id).unsqueeze(-1), img.reshape(-1, img.shape[-1]))
-    hidden = lm.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    hidden = lm.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
     # position t predicts token t+1
     tgt = labels[:, 1:]
     sel = tgt != -100
     logits = lm.lm_head(hidden[:, :-1][sel])
-    return F.cross_entropy(logits, tgt[sel]), logits.argmax(-1) == tgt[sel]
+    prev_unlabelled = torch.cat([torch.ones_like(sel[:, :1]), ~sel[:, :-1]], dim=1)
+    first = (sel & prev_unlabelled)[sel]
+    return F.cross_entropy(logits, tgt[sel]), logits.argmax(-1) == tgt[sel], first
 
 
 def save(proj: Projector, loras: dict[str, LoRALinear], rank: int, alpha: float, step: int) -> None:
@@ -143,16 +178,15 @@ def save(proj: Projector, loras: dict[str, LoRALinear], rank: int, alpha: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--qa-per-seq", type=int, default=3)
+    ap.add_argument("--minutes", type=float, default=70.0, help="wall-clock budget; the LR schedule follows it")
+    ap.add_argument("--batch", type=int, default=8, help="images per step (all their questions are packed)")
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=8.0)
     ap.add_argument("--lr-proj", type=float, default=2e-3)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
-    ap.add_argument("--save-every", type=int, default=50)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-n", type=int, default=320)
+    ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-images", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,15 +198,14 @@ def main() -> None:
     paths = sorted({it.image_path for it in items}, key=lambda p: int(Path(p).stem))
     index = {p: i for i, p in enumerate(paths)}
     feats = train_features(paths)
-    held = set(paths[-HOLDOUT_IMAGES:])
     by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for it in items:
-        if it.image_path not in held:
-            by_image[index[it.image_path]].append((it.question, it.answer))
-    holdout = [it for it in items if it.image_path in held]
-    holdout = random.Random(1).sample(holdout, min(args.eval_n, len(holdout)))
-    train_imgs = sorted(by_image)
-    print(f"features ready {time.time() - t0:.0f}s; {len(train_imgs)} train images, {len(holdout)} holdout qs", flush=True)
+        by_image[index[it.image_path]].append((it.question, it.answer))
+    held = list(range(len(paths) - HOLDOUT_IMAGES, len(paths)))
+    train_imgs = [i for i in sorted(by_image) if i < len(paths) - HOLDOUT_IMAGES]
+    eval_imgs = held[: args.eval_images]
+    print(f"features ready {time.time() - t0:.0f}s; {len(train_imgs)} train images, "
+          f"{sum(len(by_image[i]) for i in eval_imgs)} holdout questions", flush=True)
 
     lm, tok = load_smollm2()
     proc = DefaultProcessor(tok)
@@ -186,42 +219,45 @@ def main() -> None:
         {"params": [p for m in loras.values() for p in (m.A, m.B)], "lr": args.lr_lora},
     ], weight_decay=0.0)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    warm = 20
+    budget = args.minutes * 60
+    warm = 10
 
     def evaluate() -> float:
-        lm.eval()
-        hits = 0
+        hits = total = 0
         with torch.no_grad():
-            for i in range(0, len(holdout), 32):
-                chunk = holdout[i:i + 32]
-                seqs = [build_sequence(proc, [(it.question, it.answer)]) for it in chunk]
-                f = feats[[index[it.image_path] for it in chunk]]
-                _, ok = lm_loss(lm, proj, f, [s[0] for s in seqs], [s[1] for s in seqs], proc.image_token_id)
-                # first labelled token of each row = first answer token (greedy first token)
-                n_lab = [sum(1 for y in s[1] if y != -100) for s in seqs]
-                starts = [sum(n_lab[:r]) for r in range(len(seqs))]
-                hits += sum(bool(ok[s]) for s in starts)
-        lm.train()
-        return hits / len(holdout)
+            for i in range(0, len(eval_imgs), 8):
+                chunk = eval_imgs[i:i + 8]
+                samples = [pack_image(proc, by_image[j]) for j in chunk]
+                _, ok, first = lm_loss(lm, proj, feats[chunk], samples, proc.image_token_id)
+                hits += int(ok[first].sum())
+                total += int(first.sum())
+        return hits / total
 
-    print(f"step 0 holdout first-token acc {evaluate():.3f}", flush=True)
-    for step in range(1, args.steps + 1):
-        frac = step / warm if step <= warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (args.steps - warm)))
+    print(f"step 0 holdout first-token acc {evaluate():.3f} {time.time() - t0:.0f}s", flush=True)
+    t_train, step = time.time(), 0
+    while True:
+        step += 1
+        progress = (time.time() - t_train) / budget
+        frac = step / warm if step <= warm else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * max(frac, 0.02)
         imgs = rng.sample(train_imgs, args.batch)
-        seqs = [build_sequence(proc, rng.sample(by_image[i], min(args.qa_per_seq, len(by_image[i])))) for i in imgs]
-        loss, ok = lm_loss(lm, proj, feats[imgs], [s[0] for s in seqs], [s[1] for s in seqs], proc.image_token_id)
+        samples = [pack_image(proc, by_image[i]) for i in imgs]
+        loss, ok, first = lm_loss(lm, proj, feats[imgs], samples, proc.image_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        if step % 10 == 0:
-            print(f"step {step} loss {loss.item():.4f} tok-acc {ok.float().mean():.3f} {time.time() - t0:.0f}s", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
+        done = progress >= 1.0
+        if step % 5 == 0:
+            print(f"step {step} loss {loss.item():.4f} answer-acc {ok[first].float().mean():.3f} "
+                  f"lr-frac {frac:.3f} {time.time() - t0:.0f}s", flush=True)
+        if step % args.save_every == 0 or done:
             save(proj, loras, args.rank, args.alpha, step)
-        if step % args.eval_every == 0 or step == args.steps:
-            print(f"step {step} holdout first-token acc {evaluate():.3f}", flush=True)
+        if step % args.eval_every == 0 or done:
+            print(f"step {step} holdout first-token acc {evaluate():.3f} {time.time() - t0:.0f}s", flush=True)
+        if done:
+            break
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -116,7 +116,8 @@ def test_norms_outside_blocks_feed_what_the_spec_says(case, spec):
 def test_visual_token_mask_counts_merged_patches(case):
     batch = case.batch(padding=True, text_only_row=True, batch_size=3)
     mask = Glm4vAdapter().visual_token_mask(case.model, batch["input_ids"])
-    assert int(mask.sum()) == int(batch["image_grid_thw"].prod(dim=1).sum()) // 4 == int((batch["mm_token_type_ids"] == 1).sum())
+    expected = int(batch["image_grid_thw"].prod(dim=1).sum()) // 4
+    assert int(mask.sum()) == expected == int((batch["mm_token_type_ids"] == 1).sum())
     assert not mask[2].any()
 
 

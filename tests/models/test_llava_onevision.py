@@ -87,3 +87,15 @@ def test_float32_instance_runs():
     batch = case32.batch(padding=True, text_only_row=True, batch_size=3)
     assert batch["pixel_values"].dtype == torch.float32
     check_spec_against_forward(case32.model, LlavaOnevisionAdapter(), batch)
+
+
+@pytest.mark.parametrize("forget", ["image_newline", "linear_2"])
+def test_forgetting_a_language_input_writer_is_caught(case, forget):
+    class Edited(LlavaOnevisionAdapter):
+        def spec(self, model):
+            real = super().spec(model)
+            keep = tuple(p for p in real.language.input_writers if forget not in p.name)
+            return dataclasses.replace(real, language=dataclasses.replace(real.language, input_writers=keep))
+
+    with pytest.raises(AssertionError, match="input_writers"):
+        check_spec_against_forward(case.model, Edited(), case.batch())

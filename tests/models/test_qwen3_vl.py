@@ -55,7 +55,8 @@ def test_structure_details(case, spec):
     assert q_norm.kind == "rmsnorm" and q_norm.feeds == ()
     assert spec.language.blocks[0].attention.head_dim == 16
     roles = [g.role for g in spec.projector.groups]
-    assert roles == ["proj_in", "proj_out"] * 3 and spec.projector.groups[-1].linears[0].module is visual.merger.linear_fc2
+    assert roles == ["proj_in", "proj_out"] * 3
+    assert spec.projector.groups[-1].linears[0].module is visual.merger.linear_fc2
 
 
 def test_deepstack_taps_are_described_in_execution_order(case, spec):
@@ -90,7 +91,8 @@ def _record(modules):
 def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, spec):
     taps, visual = spec.extra["deepstack"], case.model.model.visual
     layers = [b.module for b in spec.language.blocks]
-    watched = list(visual.blocks) + layers + [m for t in taps for m in (t.norm.module, t.module.linear_fc1, t.module.linear_fc2)]
+    tap_modules = [m for t in taps for m in (t.norm.module, t.module.linear_fc1, t.module.linear_fc2)]
+    watched = list(visual.blocks) + layers + tap_modules
     ins, outs, handles = _record(watched)
     batch = case.batch(padding=True, text_only_row=True, batch_size=3)
     try:
@@ -115,7 +117,8 @@ def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, 
 def test_visual_token_mask_counts_merged_patches(case):
     batch = case.batch(padding=True, text_only_row=True, batch_size=3)
     mask = Qwen3VLAdapter().visual_token_mask(case.model, batch["input_ids"])
-    assert int(mask.sum()) == int(batch["image_grid_thw"].prod(dim=1).sum()) // 4 == int((batch["mm_token_type_ids"] == 1).sum())
+    expected = int(batch["image_grid_thw"].prod(dim=1).sum()) // 4
+    assert int(mask.sum()) == expected == int((batch["mm_token_type_ids"] == 1).sum())
     assert not mask[2].any()
 
 

@@ -128,7 +128,8 @@ def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None,
 def read_meta(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {model_dir} is not a directory written by `mquant quantize`")
+        raise CheckpointError(f"{path} is missing: {model_dir} is not a complete directory written by `mquant quantize`; "
+                              "copy the whole directory or re-run `mquant quantize`")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

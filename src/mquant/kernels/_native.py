@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch  # loads torch's libgomp first, so the library's OpenMP calls share that runtime
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("qgemm_api.c", "qgemm_scalar.c", "qgemm_avx512.c", "qgemm_avx2.c")
@@ -39,9 +39,9 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.mq_isa.restype = _I32
     dll.mq_has_openmp.restype = _I32
     dll.mq_quantize.restype = _I32
-    dll.mq_quantize.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32]
+    dll.mq_quantize.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32]
     dll.mq_linear.restype = _I32
-    dll.mq_linear.argtypes = [_P, _I64, _I64, _P, _P, _I32, _I64, _I64, _I64, _I64, _I64,
+    dll.mq_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _I32, _I64, _I64, _I64, _I64, _I64,
                               _P, _P, _P, _P, _P, _P, _I32, _I32]
     return dll
 
@@ -109,6 +109,17 @@ def isa() -> int:
 def ptr(t: torch.Tensor | None) -> int | None:
     """Raw data pointer for ctypes (None -> NULL); the caller keeps `t` alive during the call."""
     return None if t is None else t.data_ptr()
+
+
+def scale_pointer(scale: float | torch.Tensor | None) -> tuple[object, int | None, int]:
+    """(keep-alive object, pointer, row stride) for a per-tensor float, a float32 [M] tensor, or
+    None (dynamic)."""
+    if scale is None:
+        return None, None, 0
+    if isinstance(scale, float):
+        box = ctypes.c_float(scale)
+        return box, ctypes.addressof(box), 0
+    return scale, scale.data_ptr(), 1
 
 
 def num_threads() -> int:

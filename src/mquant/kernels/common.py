@@ -9,6 +9,7 @@ speed.  Backends register themselves from `int8_cpu.py` (oneDNN, FBGEMM, torch._
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -25,6 +26,16 @@ Rank1 = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
+class Backend:
+    name: str
+    bits: tuple[int, ...]
+    per_group: bool  # accepts per-group weight scales
+    available: Callable[[], bool]
+    prepare: Callable[[torch.Tensor, torch.Tensor, int], dict[str, Any]]  # (codes, w_scale [N, G], bits)
+    run: Callable[[torch.Tensor, ScaleArg, dict[str, Any], Optional[torch.Tensor], Rank1], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class PreparedWeight:
     """A weight packed once for one backend; pass it to `linear_static` / `linear_dynamic`."""
 
@@ -34,16 +45,7 @@ class PreparedWeight:
     k_in: int
     group_size: int  # == k_in for per-channel scales
     data: dict[str, Any] = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    bits: tuple[int, ...]
-    per_group: bool  # accepts per-group weight scales
-    available: Callable[[], bool]
-    prepare: Callable[[torch.Tensor, torch.Tensor, int], dict[str, Any]]  # (codes, w_scale [N, G], bits)
-    run: Callable[[torch.Tensor, ScaleArg, dict[str, Any], Optional[torch.Tensor], Rank1], torch.Tensor]
+    impl: Backend = field(repr=False, compare=False)
 
 
 _REGISTRY: dict[tuple[int, str], Backend] = {}
@@ -100,43 +102,48 @@ def prepare_weight(codes: torch.Tensor, w_scale: torch.Tensor, backend: str | No
     impl = _backend(bits, name)
     if group != k_in and not impl.per_group:
         raise ConfigError(f"backend {name!r} supports per-channel weight scales only; use 'native' or 'torch' for per-group")
-    return PreparedWeight(name, bits, n_out, k_in, group, impl.prepare(codes.contiguous(), ws, bits))
+    return PreparedWeight(name, bits, n_out, k_in, group, impl.prepare(codes.contiguous(), ws, bits), impl)
 
 
-def _flat_input(x: torch.Tensor, prepared: PreparedWeight) -> torch.Tensor:
-    if x.shape[-1] != prepared.k_in:
-        raise InputError(f"activation has {x.shape[-1]} features but the weight expects {prepared.k_in}")
-    return x.reshape(-1, prepared.k_in).to(torch.float32).contiguous()
+# The helpers below skip every conversion that is not needed: at decode (M=1) on small layers the
+# GEMM takes a few microseconds, so Python-side overhead decides the latency.
+def _f32_vector(t: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    if t.dim() != 1 or t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.reshape(-1).to(torch.float32).contiguous()
+    if t.numel() != size:
+        raise InputError(f"{what} has {t.numel()} values, expected {size}")
+    return t
 
 
-def _flat_rank1(rank1: Rank1, rows: int, prepared: PreparedWeight) -> Rank1:
-    if rank1 is None:
-        return None
-    a = rank1[0].reshape(-1).to(torch.float32).contiguous()
-    b = rank1[1].reshape(-1).to(torch.float32).contiguous()
-    if a.numel() != rows or b.numel() != prepared.n_out:
-        raise InputError(f"rank-1 term has {a.numel()} x {b.numel()} values for a {rows} x {prepared.n_out} output")
-    return a, b
+def _flat_input(x: torch.Tensor, k_in: int) -> torch.Tensor:
+    if x.shape[-1] != k_in:
+        raise InputError(f"activation has {x.shape[-1]} features but the weight expects {k_in}")
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.reshape(-1, k_in).to(torch.float32).contiguous()
 
 
 def _static_scale_arg(x_scale: StaticScale, rows: int) -> ScaleArg:
     if isinstance(x_scale, (int, float)):
-        return float(torch.tensor(float(x_scale), dtype=torch.float32))  # the float32 value
+        return ctypes.c_float(x_scale).value  # rounded to the float32 the kernels divide by
     if isinstance(x_scale, torch.Tensor) and x_scale.numel() == 1:
-        return float(x_scale.reshape(()).to(torch.float32))
+        return ctypes.c_float(float(x_scale)).value
     return row_scales(x_scale, rows).contiguous()
 
 
 def _run(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tensor | None,
          rank1: Rank1, out_dtype: torch.dtype | None) -> torch.Tensor:
-    x2 = _flat_input(x, prepared)
-    scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, x2.shape[0])
-    b32 = None if bias is None else bias.reshape(-1).to(torch.float32).contiguous()
-    if b32 is not None and b32.numel() != prepared.n_out:
-        raise InputError(f"bias has {b32.numel()} values for {prepared.n_out} outputs")
-    impl = _backend(prepared.bits, prepared.backend)
-    y = impl.run(x2, scale_arg, prepared.data, b32, _flat_rank1(rank1, x2.shape[0], prepared))
-    return y.reshape(*x.shape[:-1], prepared.n_out).to(out_dtype or x.dtype)
+    x2 = _flat_input(x, prepared.k_in)
+    rows = x2.shape[0]
+    scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, rows)
+    b32 = None if bias is None else _f32_vector(bias, prepared.n_out, "bias")
+    r1 = None if rank1 is None else (_f32_vector(rank1[0], rows, "rank-1 row factor"),
+                                     _f32_vector(rank1[1], prepared.n_out, "rank-1 column factor"))
+    y = prepared.impl.run(x2, scale_arg, prepared.data, b32, r1)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], prepared.n_out)
+    dtype = out_dtype or x.dtype
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 def linear_static(x: torch.Tensor, x_scale: StaticScale, prepared: PreparedWeight,

@@ -35,17 +35,18 @@ def quantize_activation(x: torch.Tensor, scale: ScaleArg, uint8: bool = False) -
     """x float32 [M, K] contiguous -> (codes [M, K], scales float32 [M]).  codes are int8, or
     uint8 = code + 128 when `uint8`.  scale None = dynamic per row."""
     rows, k_in = x.shape
-    scales = None if scale is None else (torch.full((rows,), scale, dtype=torch.float32)
-                                         if isinstance(scale, float) else scale)
     lib = _native.lib()
     if lib is None:
-        scales = dynamic_row_scales(x) if scales is None else scales
+        scales = dynamic_row_scales(x) if scale is None else (
+            torch.full((rows,), scale, dtype=torch.float32) if isinstance(scale, float) else scale)
         q = torch.round(x / scales.reshape(-1, 1)).clamp_(ACT_QMIN, ACT_QMAX)
         return (q.add_(128).to(torch.uint8) if uint8 else q.to(torch.int8)), scales
     codes = torch.empty(rows, k_in, dtype=torch.uint8 if uint8 else torch.int8)
-    out_scales = torch.empty(rows, dtype=torch.float32) if scales is None else scales
-    lib.mq_quantize(x.data_ptr(), rows, k_in, k_in, _native.ptr(scales), out_scales.data_ptr(),
+    out_scales = torch.empty(rows, dtype=torch.float32)
+    keep, scale_ptr, stride = _native.scale_pointer(scale)
+    lib.mq_quantize(x.data_ptr(), rows, k_in, k_in, scale_ptr, stride, out_scales.data_ptr(),
                     codes.data_ptr(), None, 1, k_in, 0, int(uint8), _native.num_threads(), -1)
+    del keep
     return codes, out_scales
 
 

@@ -91,6 +91,26 @@ def reference_linear(x_codes: torch.Tensor, x_scales: torch.Tensor, w_codes: tor
     return y
 
 
+def reference_error_bound(x_codes: torch.Tensor, x_scales: torch.Tensor, w_codes: torch.Tensor,
+                          w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                          rank1: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Largest |kernel - reference| [M, N] allowed for a kernel whose integer sums are exact and
+    whose float32 epilogue rounds a few times: (8 + 2G) float32 ulps of the magnitude
+    |s_x| * sum_g |s_w * int_sum_g| + |bias| + |a b|.  It deliberately uses the group sums, not
+    sum |x w|: a kernel that accumulated in float32 fails it when the sums cancel."""
+    n_out, k_in = w_codes.shape
+    ws, group = weight_groups(w_scale, n_out, k_in)
+    xg = x_codes.to(torch.float64).reshape(x_codes.shape[0], -1, group).transpose(0, 1)
+    wg = w_codes.to(torch.float64).reshape(n_out, -1, group).permute(1, 2, 0)
+    mag = (torch.bmm(xg, wg).abs() * ws.to(torch.float64).abs().t().unsqueeze(1)).sum(0)
+    mag = mag * x_scales.to(torch.float64).abs().reshape(-1, 1)
+    if bias is not None:
+        mag = mag + bias.to(torch.float64).abs()
+    if rank1 is not None:
+        mag = mag + (rank1[0].to(torch.float64).reshape(-1, 1) * rank1[1].to(torch.float64).reshape(1, -1)).abs()
+    return (8 + 2 * ws.shape[1]) * 2.0**-24 * mag + 1e-30
+
+
 def reference_linear_float(x: torch.Tensor, x_scale: StaticScale | None, w_codes: torch.Tensor,
                            w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                            rank1: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -53,15 +53,16 @@ def run_native(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Opt
     layout = data["layout"]
     rows = x.shape[0]
     y = torch.empty(rows, layout.n_out, dtype=torch.float32)
-    scales = _row_scales_arg(scale, rows)
+    keep, scale_ptr, scale_stride = _native.scale_pointer(scale)
     a, b = rank1 if rank1 is not None else (None, None)
     rc = lib.mq_linear(
-        x.data_ptr(), rows, layout.k_in, _native.ptr(scales), data["packed"].data_ptr(), layout.bits,
+        x.data_ptr(), rows, layout.k_in, scale_ptr, scale_stride, data["packed"].data_ptr(), layout.bits,
         layout.n_out, layout.n_pad, layout.k_pad, layout.groups, layout.group_k, data["scales"].data_ptr(),
         _native.ptr(bias), _native.ptr(a), _native.ptr(b), y.data_ptr(), None, _native.num_threads(), isa)
     if rc != 0:
         error = ResourceError if rc == -3 else ConfigError
         raise error(f"native W{layout.bits}A8 kernel failed: {_MQ_ERRORS.get(rc, rc)}")
+    del keep  # the per-tensor scale box had to outlive the call
     return y
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from .base import ModelAdapter
 from .registry import register
 from .spec import BlockSpec, LinearGroup, ModelSpec, ProjectorSpec, ResidualParam, TowerSpec
-from .vision_towers import ModuleNames, attention_block, describe_vision_tower, resolve_feature_layers, vision_tower_spec
+from .vision_towers import (ModuleNames, attention_block, describe_vision_tower, resolve_feature_layers,
+                            vision_tower_spec)
 
 
 def decoder_block(names: ModuleNames, layer: nn.Module) -> BlockSpec:
@@ -82,11 +83,12 @@ class LlavaAdapter(ModelAdapter):
         parts = describe_vision_tower(names, core.vision_tower)
         layers = resolve_feature_layers(cfg.vision_feature_layer, parts.num_hidden_states)
         proj = core.multi_modal_projector
+        writers = linear_writers(names, proj.linear_2)
         return ModelSpec(
             family=self.family,
             vision=vision_tower_spec(parts, names, raw_readers=(proj.linear_1,)),
             projector=mlp_projector_spec(names, proj),
-            language=decoder_tower_spec(names, core.language_model, model.lm_head, linear_writers(names, proj.linear_2)),
+            language=decoder_tower_spec(names, core.language_model, model.lm_head, writers),
             image_token_ids=self.spec_token_ids(model),
             position_scheme="rope1d",
             extra={"vision_feature_layers": layers,

@@ -12,7 +12,11 @@ Structure (transformers 5.23, `model.model.visual` / `model.model.language_model
   vision stream, then 4 consecutive patches are concatenated (`view(-1, 4*hidden)`) into `mlp.0` ->
   GELU -> `mlp.2`. `ln_q` is therefore the vision tower's `final_norm` (feeding `mlp.0`, 4x width);
   ProjectorSpec.norm stays None so the norm is not folded twice.
-- Language: Qwen2 decoder (RMSNorm, q/k/v with bias, o without, SwiGLU), 3-D M-RoPE.
+- Language: Qwen2 decoder (RMSNorm, q/k/v with bias, o without, SwiGLU), 3-D M-RoPE: the model's
+  `get_rope_index` builds [3, batch, seq] positions from `mm_token_type_ids` (0 text, 1 image,
+  2 video; required with pixel inputs), not from the ids: text advances by 1, an image's tokens take
+  start + (t, h, w) of their merged unit, text resumes at start + max(h, w) / merge; pad positions
+  get 0. Anything that reorders tokens must pass explicit position_ids.
 The projector's output linear (role "proj_out") writes the language residual stream (merged image
 features replace the placeholder embeddings), so its weight and bias (axis 0) are also language
 input_writers, next to the word embeddings.
@@ -61,7 +65,8 @@ class Namer:
         elif hasattr(module, "variance_epsilon") and not hasattr(module, "bias"):
             kind, eps = "rmsnorm", module.variance_epsilon
         else:
-            raise UnsupportedModelError(f"{self.name(module)} ({type(module).__name__}) is neither LayerNorm nor RMSNorm")
+            kind_name = type(module).__name__
+            raise UnsupportedModelError(f"{self.name(module)} ({kind_name}) is neither LayerNorm nor RMSNorm")
         return NormRef(self.name(module), module, kind, float(eps), tuple(self.lin(m) for m in feeds))
 
     def param(self, module: nn.Module, attr: str, axis: int) -> ResidualParam:
@@ -203,7 +208,8 @@ class Qwen2VLAdapter(ModelAdapter):
             module=merger,
             groups=(namer.group("proj_in", first), namer.group("proj_out", last)),
         )
-        blocks = tuple(decoder_block(namer, l, (l.mlp.gate_proj, l.mlp.up_proj)) for l in model.model.language_model.layers)
+        layers = model.model.language_model.layers
+        blocks = tuple(decoder_block(namer, l, (l.mlp.gate_proj, l.mlp.up_proj)) for l in layers)
         return ModelSpec(
             family=self.family,
             vision=vision,

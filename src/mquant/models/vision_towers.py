@@ -231,7 +231,8 @@ def resolve_feature_layers(layers: int | list[int] | tuple[int, ...], num_hidden
     for layer in seq:
         if not -num_hidden_states <= layer < num_hidden_states:
             raise UnsupportedModelError(
-                f"vision_feature_layer {layer} is outside the tower's {num_hidden_states} hidden states; fix the config")
+                f"vision_feature_layer {layer} is outside the tower's {num_hidden_states} hidden states; "
+                "fix the config")
     return tuple(layer % num_hidden_states for layer in seq)
 
 

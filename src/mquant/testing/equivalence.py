@@ -55,3 +55,28 @@ def assert_logits_equivalent(model_before: nn.Module, model_after: nn.Module, ba
     diff = max_rel_logit_diff(model_before, model_after, batch)
     assert diff < rtol, f"logits differ by {diff:.3e} × max|logit| (tolerance {rtol:.1e})"
     return diff
+
+
+def apply_transforms(model: nn.Module, *steps: str, recipe=None) -> dict:
+    """Run the named float and online recipe steps on `model` the way `quantize` does (float steps
+    on nn.Linear weights, then `wrap_linears`, then online steps) and return their infos.
+    Pre-quantization hooks ("rms") need calibration statistics and are not run here."""
+    from ..config import recipe_for
+    from ..models.registry import get_adapter
+    from ..quant.swap import wrap_linears
+    from ..transforms.pipeline import steps_for
+
+    recipe = (recipe or recipe_for("mquant", "w4a8")).with_steps(*steps)
+    adapter = get_adapter(model)
+    spec = adapter.validate(model)
+    infos: dict = {}
+    for step in steps_for(recipe, "float"):
+        infos[step.name] = step.run(model, adapter, spec, recipe)
+        spec = adapter.validate(model)
+    online = steps_for(recipe, "online")
+    if online:
+        wrap_linears(model, spec)
+        spec = adapter.validate(model)
+    for step in online:
+        infos[step.name] = step.run(model, adapter, spec, recipe)
+    return infos

@@ -136,7 +136,8 @@ def _check_norm_feeds(rec: _Recorder, norm: NormRef, width: int, where: str) -> 
         else:
             rows = torch.cat([_chunks(y, width) for y in outs])
             found = all(_rows_found(_chunks(x, width), rows) for x in ins)
-            assert found, f"{what}: the {ref.module.in_features // width} chunks of the linear input are not norm output rows"
+            k = ref.module.in_features // width
+            assert found, f"{what}: the {k} chunks of the linear input are not norm output rows"
 
 
 def _check_groups(rec: _Recorder, groups, where: str) -> None:
@@ -221,7 +222,8 @@ def _check_tower(rec: _Recorder, tower: TowerSpec, spec: ModelSpec) -> None:
     states = _stream_states(rec, tower) if (tower.raw_readers or tower.raw_reader_params) else []
     expected = spec.extra.get(f"{tower.modality}_feature_layers")
     for ref in tower.raw_readers:
-        layers = _reader_layers(rec.first_in(ref.module, ref.name), states, tower.hidden_size, f"{where}: raw reader {ref.name}")
+        x = rec.first_in(ref.module, ref.name)
+        layers = _reader_layers(x, states, tower.hidden_size, f"{where}: raw reader {ref.name}")
         if expected is not None:
             ok = len(layers) == len(expected) and all(e in hits for e, hits in zip(expected, layers))
             assert ok, f"{where}: {ref.name} reads hidden_states{layers}, spec says {list(expected)}"
@@ -245,11 +247,11 @@ def _check_projector_norm(rec: _Recorder, spec: ModelSpec) -> None:
         assert found, f"{where}: norm {norm.name} input is not made of vision final-norm output rows"
         return
     layers = _reader_layers(x, _stream_states(rec, vision), vision.hidden_size, f"{where}: norm {norm.name}")
-    expected = spec.extra.get("vision_feature_layers")
-    if expected is not None:
-        expected = list(expected) * (len(layers) // len(expected))  # pixel shuffle: k chunks of one layer
+    declared = spec.extra.get("vision_feature_layers")
+    if declared is not None:
+        expected = list(declared) * (len(layers) // len(declared))  # pixel shuffle: k chunks of one layer
         ok = all(e in hits for e, hits in zip(expected, layers))
-        assert ok, f"{where}: norm {norm.name} reads hidden_states{layers}, spec says {list(spec.extra['vision_feature_layers'])}"
+        assert ok, f"{where}: norm {norm.name} reads hidden_states{layers}, spec says {list(declared)}"
 
 
 def _check_visual_mask(rec: _Recorder, spec: ModelSpec, adapter: ModelAdapter, model: nn.Module, batch: dict) -> None:
@@ -314,25 +316,15 @@ def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: d
     return spec
 
 
-def linear_coverage(spec: ModelSpec, roots: Iterable[nn.Module], exclude: Iterable[nn.Module] = ()) -> tuple[set[str], set[str]]:
-    """(linears under `roots` that no spec group lists, spec linears not under `roots`), by module name
-    relative to each root. `exclude` removes modules (e.g. lm_head) from the search."""
-    skip = {id(m) for m in exclude}
-    found: dict[int, str] = {}
-    for root in roots:
-        for name, mod in root.named_modules():
-            if isinstance(mod, nn.Linear) and id(mod) not in skip:
-                found[id(mod)] = name
-    listed = {id(ref.module): ref.name for _, ref in spec.all_linears()}
-    missing = {found[k] for k in found.keys() - listed.keys()}
-    extra = {listed[k] for k in listed.keys() - found.keys()}
-    return missing, extra
-
-
 def check_linear_coverage(spec: ModelSpec, roots: Iterable[nn.Module], exclude: Iterable[nn.Module] = ()) -> None:
-    """Assert that the spec groups list exactly the nn.Linear modules under `roots` (each once)."""
-    missing, extra = linear_coverage(spec, roots, exclude)
-    assert not missing, f"linears missing from the spec groups: {sorted(missing)}"
-    assert not extra, f"spec lists linears outside the towers/projector: {sorted(extra)}"
-    ids = [id(ref.module) for _, ref in spec.all_linears()]
-    assert len(ids) == len(set(ids)), "a linear appears in more than one spec group"
+    """Assert that the spec groups list exactly the nn.Linear modules under `roots` (each once);
+    `exclude` removes modules such as lm_head from the search."""
+    skip = {id(m) for m in exclude}
+    found = {id(m): n for root in roots for n, m in root.named_modules()
+             if isinstance(m, nn.Linear) and id(m) not in skip}
+    listed = {id(ref.module): ref.name for _, ref in spec.all_linears()}
+    missing = sorted(found[k] for k in found.keys() - listed.keys())
+    assert not missing, f"linears missing from the spec groups: {missing}"
+    extra = sorted(listed[k] for k in listed.keys() - found.keys())
+    assert not extra, f"spec lists linears outside the towers/projector: {extra}"
+    assert len(listed) == len(spec.all_linears()), "a linear appears in more than one spec group"

@@ -9,7 +9,10 @@ pre_layrnorm) writes the stream: it becomes an affine-free RMSNorm + float linea
 rows are centred like any writer; its own input is mean-free because the embeddings are centred.
 
 When anything reads the stream *without* a norm (a LLaVA projector reading hidden_states[k], a
-downsampling conv), centring would change what it reads, so the stream is not centred: the
+downsampling conv), centring would change what it reads, so the stream is not centred. The same
+holds for a LayerNorm over k concatenated stream vectors (Qwen3-VL DeepStack taps, the InternVL
+projector norm after pixel shuffle): it subtracts their *joint* mean, which per-vector centring
+does not preserve (the differences between the k vectors' means are lost). In these cases the
 LayerNorms stay LayerNorms with their affine folded, and `rotate` then uses a rotation that fixes
 the all-ones direction (fold.mean_preserving_rotation), which commutes with LayerNorm. The same
 happens when RMSNorms and LayerNorms read one stream (centring would change the RMSNorms' input).
@@ -22,7 +25,7 @@ from torch import nn
 
 from ..models.spec import ModelSpec, TowerSpec
 from .fold import centre_param, centre_writer
-from .norms import (PROJECTED, fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem,
+from .norms import (PROJECTED, fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem, norm_width,
                     replace_with_rmsnorm, stream_norms)
 from .pipeline import register_step
 
@@ -32,7 +35,12 @@ def _why_not_centre(spec: ModelSpec, tower: TowerSpec) -> str | None:
     if raw:
         return (f"raw reader(s) {raw} read the un-normalized stream: centring it would change their input; "
                 "LayerNorms kept (γ/β folded) and rotate uses a mean-preserving rotation")
-    rms = [n.ref.name for n in stream_norms(spec, tower) if n.ref.kind != "layernorm"]
+    norms = stream_norms(spec, tower)
+    wide = [n.ref.name for n in norms if n.ref.kind == "layernorm" and norm_width(n.ref.module) != tower.hidden_size]
+    if wide:
+        return (f"LayerNorm(s) {wide} normalize k concatenated stream vectors with one joint mean: centring each "
+                "vector would change their input; LayerNorms kept (γ/β folded) and rotate uses a mean-preserving rotation")
+    rms = [n.ref.name for n in norms if n.ref.kind != "layernorm"]
     if tower.input_norm is not None and tower.input_norm.kind != "layernorm":
         rms.append(tower.input_norm.name)
     if rms:

@@ -159,7 +159,7 @@ def fold_norm(model: nn.Module, norm: StreamNorm) -> list[str]:
     gamma, beta = norm_affine(norm.ref)
     if is_identity_affine(norm.ref):
         return []
-    gamma = gamma if gamma is not None else torch.ones(_norm_width(norm.ref.module), dtype=torch.float64)
+    gamma = gamma if gamma is not None else torch.ones(norm_width(norm.ref.module), dtype=torch.float64)
     added, seen = [], set()
     for ref in norm.ref.feeds:
         if id(ref.module) in seen:  # a fused qkv listed once per row slice is folded once
@@ -192,19 +192,9 @@ def make_input_norm_projected(model: nn.Module, tower: TowerSpec, kind: str) -> 
     if norm is None:
         return None
     module = norm.module
-    target = ProjectedRMSNorm if kind == "rmsnorm" else ProjectedLayerNorm
-    if isinstance(module, target):
+    if isinstance(module, PROJECTED):  # already converted (γ/β live in its proj)
         return type(module).__name__
-    if isinstance(module, PROJECTED):  # switch the norm kind, keep the linear
-        dtype, device = _dtype_device(module, model)
-        new = target(module.proj.in_features, norm.eps, dtype, device)
-        new.proj.load_state_dict(module.proj.state_dict())
-        parent, attr = _parent(model, norm.name)
-        setattr(parent, attr, new)
-        _note(model, "projected", norm.name, {"kind": kind, "width": module.proj.in_features, "eps": norm.eps})
-        return target.__name__
-    install_projected(model, norm, kind)
-    return target.__name__
+    return type(install_projected(model, norm, kind)).__name__
 
 
 # ---- structural edits ----------------------------------------------------------------------------
@@ -238,7 +228,7 @@ def replace_with_rmsnorm(model: nn.Module, norm: NormRef) -> UnifiedRMSNorm:
     return new
 
 
-def _norm_width(module: nn.Module) -> int:
+def norm_width(module: nn.Module) -> int:
     shape = getattr(module, "normalized_shape", None)
     if shape is not None:
         return int(shape[-1])
@@ -248,7 +238,7 @@ def _norm_width(module: nn.Module) -> int:
 def install_projected(model: nn.Module, norm: NormRef, kind: str) -> nn.Module:
     """Replace an input norm by its affine-free `kind` version + `proj` = (diag(γ), β)."""
     dtype, device = _dtype_device(norm.module, model)
-    width = _norm_width(norm.module)
+    width = norm_width(norm.module)
     gamma, beta = norm_affine(norm)
     cls = ProjectedRMSNorm if kind == "rmsnorm" else ProjectedLayerNorm
     new = cls(width, norm.eps, dtype, device)

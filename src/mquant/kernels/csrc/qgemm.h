@@ -7,8 +7,8 @@
  *
  * Why the weights are stored *unsigned*: VPDPBUSD multiplies an unsigned byte by a signed byte.
  * Storing u = w_q + ZP (ZP = 8 for 4-bit, 128 for 8-bit) makes the weight the unsigned operand,
- * so the signed activation codes are used as they are and can come straight from memory as an
- * embedded {1to16} broadcast; the offset is removed once per row and group with
+ * so the signed activation codes are used as they are (a 4-byte broadcast from the code buffer);
+ * the offset is removed once per row and group with
  * sum_k x_q u = sum_k x_q w_q + ZP * sum_k x_q.  For 4-bit weights this also means the in-register
  * unpack is only AND / shift-AND (no sign extension).
  *
@@ -53,21 +53,22 @@ typedef struct {
 typedef void (*mq_panel_fn)(const mq_gemm_args *a, int64_t cb0, int nb);
 
 /* Quantizes rows [m0, m1) of x [M][K]: writes codes (padded to K_pad), ZP*group row sums and, when
- * dynamic (scale_in == NULL), the per-row scale max(absmax/127, 1e-8) into sx.  corr may be NULL.
+ * dynamic (scale_in == NULL), the per-row scale max(absmax/127, 1e-8) into sx.  Static scales are
+ * scale_in[m * scale_stride] (stride 0: one per-tensor scale).  corr may be NULL.
  * flip != 0 stores x_q ^ 0x80, i.e. the uint8 code x_q + 128 that oneDNN/FBGEMM expect. */
 typedef void (*mq_quant_fn)(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64_t m1,
-                            const float *scale_in, float *sx, int8_t *xq, int32_t *corr,
-                            int64_t G, int64_t gk, int32_t zp, int flip);
+                            const float *scale_in, int64_t scale_stride, float *sx, int8_t *xq,
+                            int32_t *corr, int64_t G, int64_t gk, int32_t zp, int flip);
 
 void mq_panel_scalar(const mq_gemm_args *a, int64_t cb0, int nb);
 void mq_quant_scalar(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64_t m1,
-                     const float *scale_in, float *sx, int8_t *xq, int32_t *corr,
-                     int64_t G, int64_t gk, int32_t zp, int flip);
+                     const float *scale_in, int64_t scale_stride, float *sx, int8_t *xq,
+                     int32_t *corr, int64_t G, int64_t gk, int32_t zp, int flip);
 #if defined(__x86_64__) || defined(_M_X64)
 void mq_panel_avx512(const mq_gemm_args *a, int64_t cb0, int nb);
 void mq_quant_avx512(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64_t m1,
-                     const float *scale_in, float *sx, int8_t *xq, int32_t *corr,
-                     int64_t G, int64_t gk, int32_t zp, int flip);
+                     const float *scale_in, int64_t scale_stride, float *sx, int8_t *xq,
+                     int32_t *corr, int64_t G, int64_t gk, int32_t zp, int flip);
 void mq_panel_avx2(const mq_gemm_args *a, int64_t cb0, int nb);
 #endif
 

@@ -11,7 +11,7 @@
 #endif
 
 #define MQ_EXPORT __attribute__((visibility("default")))
-#define MQ_ABI_VERSION 1
+#define MQ_ABI_VERSION 2
 /* Below this many multiply-adds a second thread costs more (fork/join, or waiting for a busy
  * core) than it saves. */
 #define MQ_PARALLEL_MIN_MACS (1LL << 20)
@@ -72,8 +72,8 @@ static int threads_for(int64_t macs, int nthreads) { return macs >= MQ_PARALLEL_
 
 /* Activation codes only (for the oneDNN / FBGEMM / _int_mm backends and tests). */
 MQ_EXPORT int mq_quantize(const float *x, int64_t M, int64_t K, int64_t K_pad, const float *scale_in,
-                          float *sx, int8_t *xq, int32_t *corr, int64_t G, int64_t gk, int32_t zp,
-                          int flip, int nthreads, int isa)
+                          int64_t scale_stride, float *sx, int8_t *xq, int32_t *corr, int64_t G,
+                          int64_t gk, int32_t zp, int flip, int nthreads, int isa)
 {
     isa = resolve_isa(isa);
     if (isa < 0) return MQ_E_ISA;
@@ -82,7 +82,7 @@ MQ_EXPORT int mq_quantize(const float *x, int64_t M, int64_t K, int64_t K_pad, c
     const int nt = threads_for(M * K * 16, nthreads);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int t = 0; t < nt; t++)
-        fn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, sx, xq, corr, G, gk, zp, flip);
+        fn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, flip);
     return MQ_OK;
 }
 
@@ -95,9 +95,11 @@ static int check_gemm_args(int64_t M, int64_t K, int bits, int64_t N, int64_t N_
     return (ra == NULL) == (rb == NULL);
 }
 
-/* Fused: quantize x [M][K] (static per-row scales, or dynamic when scale_in == NULL) and run the
- * integer GEMM against the packed weight; y [M][N] float32.  Returns 0 or a negative MQ_E_*. */
-MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale_in, const uint8_t *wp,
+/* Fused: quantize x [M][K] (static scales scale_in[m * scale_stride], or dynamic when scale_in is
+ * NULL) and run the integer GEMM against the packed weight; y [M][N] float32.  sx_out [M] (may be
+ * NULL) receives the row scales.  Returns 0 or a negative MQ_E_*. */
+MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale_in,
+                        int64_t scale_stride, const uint8_t *wp,
                         int bits, int64_t N, int64_t N_pad, int64_t K_pad, int64_t G, int64_t gk,
                         const float *ws, const float *bias, const float *ra, const float *rb, float *y,
                         float *sx_out, int nthreads, int isa)
@@ -124,7 +126,7 @@ MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale
     {
 #pragma omp for schedule(static)
         for (int t = 0; t < nt; t++)
-            qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, sx, xq, corr, G, gk, zp, 0);
+            qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < npanels; p++)
             pfn(&args, 3 * p, (int)(nblocks - 3 * p < 3 ? nblocks - 3 * p : 3));

@@ -40,15 +40,15 @@ void mq_panel_scalar(const mq_gemm_args *a, int64_t cb0, int nb)
 }
 
 void mq_quant_scalar(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64_t m1,
-                     const float *scale_in, float *sx, int8_t *xq, int32_t *corr,
-                     int64_t G, int64_t gk, int32_t zp, int flip)
+                     const float *scale_in, int64_t scale_stride, float *sx, int8_t *xq,
+                     int32_t *corr, int64_t G, int64_t gk, int32_t zp, int flip)
 {
     for (int64_t m = m0; m < m1; m++) {
         const float *xr = x + m * K;
         int8_t *q = xq + m * K_pad;
         float s;
         if (scale_in) {
-            s = scale_in[m];
+            s = scale_in[m * scale_stride];
         } else {
             float amax = 0.0f;
             for (int64_t k = 0; k < K; k++) {

@@ -65,7 +65,8 @@ def build_mrope_batch(
         else:
             middle = torch.tensor([layout.start_token_id] + [layout.image_token_id] * n_tokens + [layout.end_token_id])
             kinds = [0] + [1] * n_tokens + [0]
-            pixels.append(torch.randn(grid[0] * grid[1] * grid[2], layout.patch_dim, generator=gen, dtype=torch.float64))
+            n_patches = grid[0] * grid[1] * grid[2]
+            pixels.append(torch.randn(n_patches, layout.patch_dim, generator=gen, dtype=torch.float64))
             grids.append(grid)
         rows.append(torch.cat([prefix, middle, suffix]))
         types.append(torch.tensor([0] * prefix.numel() + kinds + [0] * suffix.numel()))
@@ -139,7 +140,10 @@ def text_config(**extra) -> dict:
 
 
 QWEN_LAYOUT = MropeLayout(IMAGE_ID, START_ID, END_ID, patch_dim=3 * 2 * 4 * 4, merge=2)
-_IDS = {"image_token_id": IMAGE_ID, "video_token_id": VIDEO_ID, "vision_start_token_id": START_ID, "vision_end_token_id": END_ID}
+_IDS = {
+    "image_token_id": IMAGE_ID, "video_token_id": VIDEO_ID,
+    "vision_start_token_id": START_ID, "vision_end_token_id": END_ID,
+}  # fmt: skip
 
 
 def _case(family: str, model: nn.Module) -> TinyCase:

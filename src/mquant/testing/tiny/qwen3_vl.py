@@ -8,7 +8,9 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from . import TinyCase, register_tiny
-from .qwen2_vl import END_ID, IMAGE_ID, QWEN_LAYOUT, START_ID, TEXT_HIDDEN, VIDEO_ID, build_mrope_batch, finish_tiny, text_config
+from .qwen2_vl import (
+    END_ID, IMAGE_ID, QWEN_LAYOUT, START_ID, TEXT_HIDDEN, VIDEO_ID, build_mrope_batch, finish_tiny, text_config,
+)  # fmt: skip
 
 
 @register_tiny("qwen3_vl")
