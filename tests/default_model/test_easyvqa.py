@@ -1,0 +1,33 @@
+"""easy-VQA loading is complete and deterministic; answer normalisation is exact-match friendly."""
+
+import pytest
+
+from mquant.default_model.easyvqa import ANSWERS, _image_chunks, first_word, load_split
+from mquant.errors import ConfigError
+
+
+def test_split_counts():
+    train, test = load_split("train"), load_split("test")
+    assert (len(train), len(test)) == (38575, 9673)
+    assert len({it.image_path for it in train}) == 4000
+    assert len({it.image_path for it in test}) == 1000
+    assert {it.answer for it in test} <= set(ANSWERS) and len(ANSWERS) == 13
+    assert load_split("test")[:5] == test[:5]
+
+
+def test_bad_split():
+    with pytest.raises(ConfigError):
+        load_split("validation")
+
+
+def test_first_word():
+    assert first_word(" Blue.\nshape") == "blue"
+    assert first_word("") == ""
+
+
+def test_chunks_keep_images_together():
+    items = load_split("test")[:200]
+    chunks = _image_chunks(items, 32)
+    assert sorted(i for c in chunks for i in c) == list(range(200))
+    seen = [{items[i].image_path for i in c} for c in chunks]
+    assert all(not (a & b) for k, a in enumerate(seen) for b in seen[k + 1:])
