@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Callable
@@ -69,14 +70,17 @@ class _Flush:
 
 def measure(methods: dict[str, Callable[[], torch.Tensor]], clock: Callable[[], float], min_time: float,
             min_reps: int, max_rounds: int, flush: _Flush, burst: int) -> dict[str, dict[str, float]]:
-    """Interleaved rounds: each method per round `burst` times in a row (the first call untimed,
+    """Interleaved rounds in shuffled order: each method `burst` times in a row (after an untimed call,
     so every timed call finds its own weight as warm as the others do; with a cache flush every
     timed call is cold instead), until each has min_time and min_reps."""
     for fn in methods.values():
         fn()  # warm-up: first-call allocations, oneDNN primitive creation
     times: dict[str, list[float]] = {name: [] for name in methods}
+    order = list(methods.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(max_rounds):
-        for name, fn in methods.items():
+        shuffle(order)  # who runs before whom (cache contents) changes from round to round
+        for name, fn in order:
             if flush.buf is None:
                 fn()
             for _ in range(burst):

@@ -50,45 +50,40 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 class Evaluator:
-    """Holds the test questions and the float model's logits, scores any variant against them."""
+    """Holds the test questions and the float model's answer-token logits; scores any variant.
 
-    def __init__(self, loaded: LoadedModel, limit: int, batch_size: int = 32):
+    Accuracy: exact match of the first generated word. Fidelity: KL(P_float || P_variant) and top-1
+    agreement of the next-token distribution at the answer position, on the same questions."""
+
+    def __init__(self, loaded: LoadedModel, limit: int | None, batch_size: int = 8):
         from .default_model.easyvqa import load_split
 
-        self.items = load_split("test")[:limit]
+        self.items = load_split("test")[: limit or None]
         self.processor = loaded.processor
-        self.batch_size = batch_size
-        self.ref_logits = self._logits(loaded.model)
+        self.images_per_batch = batch_size
+        self.ref_accuracy, self.ref_logits = self._answer(loaded.model)
 
-    def _logits(self, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from .eval.harness import answer_logits
-
-        return answer_logits(LoadedModel(model, self.processor, ""), self.items, self.batch_size)
-
-    def accuracy(self, model) -> float:
+    def _answer(self, model) -> tuple[float, torch.Tensor]:
         from .default_model.easyvqa import first_word
-        from .eval.generation import generate_texts
+        from .eval.shared_prefix import answer_by_image
 
-        replies = generate_texts(model, self.processor, [i.image_path for i in self.items], [i.question for i in self.items],
-                                 max_new_tokens=3, batch_size=self.batch_size)
-        return sum(first_word(r) == i.answer.lower() for r, i in zip(replies, self.items)) / len(self.items)
+        replies, logits = answer_by_image(model, self.processor, [i.image_path for i in self.items],
+                                          [i.question for i in self.items], max_new_tokens=3,
+                                          images_per_batch=self.images_per_batch)
+        hits = sum(first_word(r) == i.answer.lower() for r, i in zip(replies, self.items))
+        return hits / len(self.items), logits
 
-    def fidelity(self, model) -> tuple[float, float]:
+    def score(self, name: str, scheme: str, model, quantize_seconds: float) -> VariantResult:
         from .eval.fidelity import next_token_fidelity
 
-        kl = agree = n = 0.0
-        for (ref, mask), (test, _) in zip(self.ref_logits, self._logits(model)):
-            result = next_token_fidelity(ref, test, mask)
-            kl += result["kl"] * result["positions"]
-            agree += result["top1_agreement"] * result["positions"]
-            n += result["positions"]
-        return kl / n, agree / n
-
-    def score(self, name: str, scheme: str, model, quantize_seconds: float, with_fidelity: bool = True) -> VariantResult:
         start = time.perf_counter()
-        accuracy = self.accuracy(model)
-        kl, agree = self.fidelity(model) if with_fidelity else (None, None)
-        return VariantResult(name, scheme, accuracy, kl, agree, weight_bytes(model), quantize_seconds, time.perf_counter() - start)
+        if model is None:
+            accuracy, kl, agree, model_bytes = self.ref_accuracy, 0.0, 1.0, 0
+        else:
+            accuracy, logits = self._answer(model)
+            fid = next_token_fidelity(self.ref_logits, logits)
+            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], weight_bytes(model)
+        return VariantResult(name, scheme, accuracy, kl, agree, model_bytes, quantize_seconds, time.perf_counter() - start)
 
 
 def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
@@ -104,12 +99,15 @@ def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
     return rows
 
 
-def run_variants(recipes: list[tuple[str, Recipe]], limit: int, n_calib: int, model_source: str | None = None,
-                 log: Callable[[str], None] = print, batch_size: int = 32) -> list[VariantResult]:
+def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: int, model_source: str | None = None,
+                 log: Callable[[str], None] = print) -> list[VariantResult]:
     loaded = load_float_model(model_source)
-    evaluator = Evaluator(loaded, limit, batch_size)
+    start = time.perf_counter()
+    evaluator = Evaluator(loaded, limit)
     samples = build_calibration_inputs(CalibConfig(n_samples=n_calib), loaded.processor, loaded.model)
-    results = [evaluator.score("float", "fp32", loaded.model, 0.0)]
+    results = [evaluator.score("float", "fp32", None, 0.0)]
+    results[0].weight_bytes = weight_bytes(loaded.model)
+    results[0].eval_seconds = time.perf_counter() - start
     log(_line(results[-1]))
     for name, recipe in recipes:
         model = copy.deepcopy(loaded.model)

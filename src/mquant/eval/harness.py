@@ -25,49 +25,43 @@ def _calibration_note(loaded: LoadedModel) -> Any:
     return meta.get("calibration")
 
 
-def easyvqa_accuracy(loaded: LoadedModel, limit: int | None, batch_size: int, progress=None) -> dict[str, Any]:
-    from ..default_model.easyvqa import first_word, load_split
+def _easyvqa_answers(loaded: LoadedModel, items, batch_size: int) -> tuple[list[str], torch.Tensor | None]:
+    """Our DefaultProcessor gets the shared-prefix path (same greedy answers, ~4x faster);
+    other processors go through `generate` one prompt per row."""
+    paths, questions = [i.image_path for i in items], [i.question for i in items]
+    if hasattr(loaded.processor, "encode_prompt"):
+        from .shared_prefix import answer_by_image
+
+        return answer_by_image(loaded.model, loaded.processor, paths, questions, max_new_tokens=3,
+                               images_per_batch=max(1, batch_size // 4))
     from .generation import generate_texts
 
+    return generate_texts(loaded.model, loaded.processor, paths, questions, max_new_tokens=3, batch_size=batch_size), None
+
+
+def easyvqa_accuracy(loaded: LoadedModel, limit: int | None, batch_size: int, progress=None) -> dict[str, Any]:
+    from ..default_model.easyvqa import first_word, load_split
+
     items = load_split("test")[: limit or None]
-    replies = generate_texts(loaded.model, loaded.processor, [i.image_path for i in items], [i.question for i in items],
-                             max_new_tokens=3, batch_size=batch_size)
+    replies, _ = _easyvqa_answers(loaded, items, batch_size)
     hits = sum(first_word(r) == i.answer.lower() for r, i in zip(replies, items))
     return {"n": len(items), "accuracy": hits / len(items), "split": "test"}
 
 
-@torch.no_grad()
-def answer_logits(loaded: LoadedModel, items, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Teacher-forced logits over the text after the image (question + gold answer), per batch."""
-    from ..calib.data import open_image
-    from .generation import encode_batch
-
-    out = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = encode_batch(loaded.processor, [open_image(i.image_path) for i in chunk], [i.question for i in chunk])
-        logits = loaded.model(**batch).logits.float()
-        out.append((logits, batch["attention_mask"].bool()))
-    return out
-
-
 def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
-    """KL(P_float || P_quant) and top-1 agreement of next-token distributions on held-out
-    easy-VQA *test* prompts (calibration used the train split)."""
+    """KL(P_float || P_quant) and top-1 agreement of the next-token distribution at the answer
+    position of held-out easy-VQA *test* prompts (calibration used the train split)."""
     from ..default_model.easyvqa import load_split
     from .fidelity import next_token_fidelity
 
     ref = load_float_model(reference)
     items = load_split("test")[: limit or FIDELITY_DEFAULT_N]
-    totals = {"kl": 0.0, "top1_agreement": 0.0, "positions": 0}
-    for (ref_logits, mask), (test_logits, _) in zip(answer_logits(ref, items, batch_size), answer_logits(loaded, items, batch_size)):
-        result = next_token_fidelity(ref_logits, test_logits, mask)
-        n = result["positions"]
-        totals["kl"] += result["kl"] * n
-        totals["top1_agreement"] += result["top1_agreement"] * n
-        totals["positions"] += n
-    n = max(totals["positions"], 1)
-    return {"n": len(items), "kl": totals["kl"] / n, "top1_agreement": totals["top1_agreement"] / n, "positions": totals["positions"]}
+    _, ref_logits = _easyvqa_answers(ref, items, batch_size)
+    _, test_logits = _easyvqa_answers(loaded, items, batch_size)
+    if ref_logits is None or test_logits is None:
+        raise InputError("fidelity needs the default model's processor (easy-VQA prompts); use --task easy-vqa for other models")
+    result = next_token_fidelity(ref_logits, test_logits)
+    return {"n": len(items), "kl": result["kl"], "top1_agreement": result["top1_agreement"], "positions": result["positions"]}
 
 
 def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any]:

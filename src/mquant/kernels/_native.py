@@ -40,9 +40,8 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.mq_has_openmp.restype = _I32
     dll.mq_quantize.restype = _I32
     dll.mq_quantize.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32]
-    dll.mq_linear.restype = _I32
-    dll.mq_linear.argtypes = [_P, _I64, _I64, _P, _I64, _P, _I32, _I64, _I64, _I64, _I64, _I64,
-                              _P, _P, _P, _P, _P, _P, _I32, _I32]
+    dll.mq_linear_argv.restype = _I32
+    dll.mq_linear_argv.argtypes = [_P]
     return dll
 
 

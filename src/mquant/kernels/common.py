@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..errors import ConfigError, InputError
+from . import _native
 from .packing import as_codes
 from .reference import StaticScale, row_scales, weight_groups
 
@@ -50,8 +51,13 @@ class PreparedWeight:
 
 _REGISTRY: dict[tuple[int, str], Backend] = {}
 _DYNAMIC = object()  # sentinel: per-row scales computed at run time
-# Preference when several are available, fastest first (measured by benchmarks/bench_linear.py).
-_PREFERENCE: dict[int, tuple[str, ...]] = {8: ("onednn", "native", "int_mm", "fbgemm", "torch"), 4: ("native", "torch")}
+# Preference when several are available, fastest first (benchmarks/bench_linear.py on Zen 4).  The
+# native kernels lead only where they run with AVX-512 VNNI (level 2); their AVX2 / portable-C levels
+# are correct but slower than oneDNN (W8) and than the float64-matmul PyTorch twin (W4 scalar).
+_PREFERENCE_VNNI: dict[int, tuple[str, ...]] = {8: ("native", "onednn", "int_mm", "fbgemm", "torch"),
+                                               4: ("native", "torch")}
+_PREFERENCE_OTHER: dict[int, tuple[str, ...]] = {8: ("onednn", "int_mm", "fbgemm", "native", "torch"),
+                                                4: ("native", "torch")}
 
 
 def register(backend: Backend) -> None:
@@ -66,7 +72,11 @@ def _ensure_registered() -> None:
 def available_backends(bits: int = 8, per_group: bool = False) -> list[str]:
     """Names of the backends usable here for `bits`-bit weights, fastest first."""
     _ensure_registered()
-    names = [n for n in _PREFERENCE.get(bits, ()) if (bits, n) in _REGISTRY]
+    level = _native.isa()
+    preference = (_PREFERENCE_VNNI if level == 2 else _PREFERENCE_OTHER).get(bits, ())
+    if level == 0 and bits == 4:
+        preference = ("torch", "native")
+    names = [n for n in preference if (bits, n) in _REGISTRY]
     return [n for n in names if _REGISTRY[(bits, n)].available() and (_REGISTRY[(bits, n)].per_group or not per_group)]
 
 

@@ -10,6 +10,7 @@ results (tests/kernels/test_w4a8.py proves it).
 
 from __future__ import annotations
 
+from array import array
 from typing import Any, Optional
 
 import torch
@@ -42,23 +43,26 @@ def _native_prepare(codes: torch.Tensor, ws: torch.Tensor, bits: int) -> dict[st
     layout = native_layout(bits, codes.shape[0], codes.shape[1], ws.shape[1])
     if bits == 8 and layout.k_pad > 65536:
         raise ConfigError(f"8-bit native kernel limited to 65536 input features (int32 sums), got {layout.k_in}")
-    return {"layout": layout, "packed": pack_native(codes, layout), "scales": native_scales(ws, layout)}
+    packed, scales = pack_native(codes, layout), native_scales(ws, layout)
+    # mq_linear_argv slots 5..11 never change for this weight: precompute them once
+    fixed = [packed.data_ptr(), bits, layout.n_out, layout.n_pad, layout.k_pad, layout.groups, layout.group_k,
+             scales.data_ptr()]
+    return {"layout": layout, "packed": packed, "scales": scales, "fixed": fixed}
 
 
 def run_native(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Optional[torch.Tensor],
                rank1: Rank1, isa: int = -1) -> torch.Tensor:
     """x float32 [M, K] contiguous -> y float32 [M, N].  isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512
     VNNI (lower levels are forced only by tests)."""
-    lib = _native.lib()
     layout = data["layout"]
     rows = x.shape[0]
     y = torch.empty(rows, layout.n_out, dtype=torch.float32)
     keep, scale_ptr, scale_stride = _native.scale_pointer(scale)
-    a, b = rank1 if rank1 is not None else (None, None)
-    rc = lib.mq_linear(
-        x.data_ptr(), rows, layout.k_in, scale_ptr, scale_stride, data["packed"].data_ptr(), layout.bits,
-        layout.n_out, layout.n_pad, layout.k_pad, layout.groups, layout.group_k, data["scales"].data_ptr(),
-        _native.ptr(bias), _native.ptr(a), _native.ptr(b), y.data_ptr(), None, _native.num_threads(), isa)
+    a, b = (rank1[0].data_ptr(), rank1[1].data_ptr()) if rank1 is not None else (0, 0)
+    # the argument order of mq_linear (csrc/qgemm_api.c); 0 = NULL
+    argv = array("q", [x.data_ptr(), rows, layout.k_in, scale_ptr or 0, scale_stride, *data["fixed"],
+                       0 if bias is None else bias.data_ptr(), a, b, y.data_ptr(), 0, _native.num_threads(), isa])
+    rc = _native.lib().mq_linear_argv(argv.buffer_info()[0])
     if rc != 0:
         error = ResourceError if rc == -3 else ConfigError
         raise error(f"native W{layout.bits}A8 kernel failed: {_MQ_ERRORS.get(rc, rc)}")

@@ -45,7 +45,9 @@ MQ_EXPORT int mq_isa(void)
 
 static int resolve_isa(int isa)
 {
-    const int best = mq_isa();
+    static int cached = -1; /* CPU features do not change: probe once (a benign race) */
+    if (cached < 0) cached = mq_isa();
+    const int best = cached;
     return isa < 0 ? best : (isa > best ? MQ_E_ISA : isa);
 }
 
@@ -80,11 +82,18 @@ MQ_EXPORT int mq_quantize(const float *x, int64_t M, int64_t K, int64_t K_pad, c
     if (M < 0 || K <= 0 || K_pad < K || G < 1 || gk < 1 || (corr && G * gk < K)) return MQ_E_ARGS;
     const mq_quant_fn fn = quant_fn(isa);
     const int nt = threads_for(M * K * 16, nthreads);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    if (nt == 1) { /* no parallel region at all: even a one-thread region costs a runtime call */
+        fn(x, K, K_pad, 0, M, scale_in, scale_stride, sx, xq, corr, G, gk, zp, flip);
+        return MQ_OK;
+    }
+#pragma omp parallel for num_threads(nt) schedule(static)
     for (int t = 0; t < nt; t++)
         fn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, flip);
     return MQ_OK;
 }
+
+/* 16-column blocks in panel p (48-column panels; the last may hold 1 or 2 blocks). */
+static int panel_blocks(int64_t nblocks, int64_t p) { return (int)(nblocks - 3 * p < 3 ? nblocks - 3 * p : 3); }
 
 static int check_gemm_args(int64_t M, int64_t K, int bits, int64_t N, int64_t N_pad, int64_t K_pad,
                            int64_t G, int64_t gk, const float *ra, const float *rb)
@@ -122,17 +131,34 @@ MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale
     const int32_t zp = bits == 4 ? 8 : 128;
     const int64_t nblocks = N_pad / MQ_COLS, npanels = (nblocks + 2) / 3;
     const int nt = threads_for(M * N * K, nthreads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
+    if (nt == 1) { /* no parallel region at all: even a one-thread region costs a runtime call */
+        qfn(x, K, K_pad, 0, M, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
+        for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
 #pragma omp for schedule(static)
-        for (int t = 0; t < nt; t++)
-            qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
+            for (int t = 0; t < nt; t++)
+                qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < npanels; p++)
-            pfn(&args, 3 * p, (int)(nblocks - 3 * p < 3 ? nblocks - 3 * p : 3));
+            for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
+        }
     }
     free(xq);
     free(corr);
     if (!sx_out) free(sx);
     return MQ_OK;
+}
+
+/* mq_linear with its 20 arguments in one int64 array (pointers as addresses, NULL = 0), in the
+ * order of mq_linear's parameters.  ctypes converts each argument separately (~0.15 us each), so at
+ * decode on small layers this saves more time than the GEMM itself takes. */
+MQ_EXPORT int mq_linear_argv(const int64_t *v)
+{
+#define P(i, T) ((T)(intptr_t)v[i])
+    return mq_linear(P(0, const float *), v[1], v[2], P(3, const float *), v[4], P(5, const uint8_t *),
+                     (int)v[6], v[7], v[8], v[9], v[10], v[11], P(12, const float *), P(13, const float *),
+                     P(14, const float *), P(15, const float *), P(16, float *), P(17, float *), (int)v[18],
+                     (int)v[19]);
+#undef P
 }
