@@ -125,14 +125,15 @@ def _print_summary(cells: dict[tuple[str, int], dict[str, float]], names: list[s
     ms = sorted({m for _, m in cells})
     w8_static = [n for n in names if n.endswith("8s")]
     print("\ngeometric mean over shapes, per M")
-    print(f"{'M':>5} {'best W8s/bf16':>14} {'n4s/bf16':>9} {'n4s vs best W8s':>16} {'static/dynamic (o8, n8, n4)':>30}")
+    print("(speed-ups; last column = dynamic time / static time, >1 means static is faster)")
+    print(f"{'M':>5} {'best W8s/bf16':>14} {'n4s/bf16':>9} {'n4s vs best W8s':>16} {'static vs dynamic (o8, n8, n4)':>31}")
     for m in ms:
         group = [c for (s, mm), c in cells.items() if mm == m]
         best8 = [min(c[n] for n in w8_static if n in c) for c in group]
         ratio = lambda a, b: _geomean([c[b] / c[a] for c in group if a in c and b in c])  # noqa: E731
         sd = ", ".join(f"{ratio(t + 's', t + 'd'):.2f}" for t in ("o8", "n8", "n4"))
         print(f"{m:>5} {_geomean([c['bf16'] / b for c, b in zip(group, best8)]):14.2f} {ratio('n4s', 'bf16'):9.2f} "
-              f"{_geomean([b / c['n4s'] for c, b in zip(group, best8) if 'n4s' in c]):16.2f} {sd:>30}")
+              f"{_geomean([b / c['n4s'] for c, b in zip(group, best8) if 'n4s' in c]):16.2f} {sd:>31}")
 
 
 def main() -> None:

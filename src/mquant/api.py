@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import resource
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .calib.capture import capture_inputs
+from .calib.checkpoint import open_checkpoint
 from .calib.sequential import SequentialCalibrator
 from .config import CalibConfig, Recipe, recipe_for
 from .errors import CalibrationError
@@ -30,11 +32,16 @@ def quantize(
     processor: Any = None,
     progress: Callable[[str, int], None] | None = None,
     adapter: ModelAdapter | None = None,
+    checkpoint_dir: str | Path | None = None,
+    before_block: Callable[[Any], None] | None = None,
 ) -> QuantReport:
     """Quantize every linear layer of a VLM (vision tower, projector, language model) in place.
 
     `calib` is a CalibConfig (samples are built with `processor`) or a list of ready model-input
     dicts (one sample each). Returns the report; the model afterwards runs quantized.
+    With `checkpoint_dir`, each finished block is saved there; rerunning with the same directory,
+    model, recipe and samples restores finished blocks instead of recalibrating them.
+    `before_block(block_spec)` runs before each block is calibrated (offloading: calib/offload.py).
     """
     recipe = recipe or recipe_for("rtn", "w8a8")
     adapter = adapter or get_adapter(model)
@@ -43,6 +50,7 @@ def quantize(
     masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
     if not any(bool(m.any()) for m in masks):
         raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
+    checkpoint = open_checkpoint(checkpoint_dir, recipe, samples, model)
     start = time.perf_counter()
     model.eval()
     transform_info: dict[str, Any] = {}
@@ -56,12 +64,12 @@ def quantize(
         for step in steps_for(recipe, "online"):
             transform_info[step.name] = step.run(model, adapter, spec, recipe)
         hooks = [functools.partial(step.run, recipe=recipe) for step in steps_for(recipe, "pre_quant")]
-        calibrator = SequentialCalibrator(recipe, ctx, progress, hooks)
+        calibrator = SequentialCalibrator(recipe, ctx, progress, hooks, checkpoint=checkpoint, before_block=before_block)
         inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
         calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
         # The projector runs inside the model's forward (and, for DeepStack, in several places):
         # calibrate it with whole-model passes over the (already quantized) vision tower.
-        calibrator.process_with_runner(spec.projector, lambda: _forward_all(model, samples), recipe.vision, "projector")
+        calibrator.calibrate("projector-0000", spec.projector, lambda: _forward_all(model, samples), recipe.vision, "projector")
         if progress is not None:
             progress("projector", 1)
         inputs = capture_inputs(model, spec.language.blocks[0].module, samples)

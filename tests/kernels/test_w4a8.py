@@ -112,3 +112,12 @@ def test_fallback_selected_without_native_library(monkeypatch):
     finally:
         monkeypatch.undo()
         _native.lib.cache_clear()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_empty_input_every_backend(bits):
+    _, w, ws, bias, _ = _problem(bits, k_in=64)
+    for backend in available_backends(bits):
+        prepared = prepare_weight(w, ws, backend, bits=bits)
+        assert linear_static(torch.zeros(0, 64), 0.1, prepared, bias).shape == (0, 40)
+        assert linear_dynamic(torch.zeros(2, 0, 64), prepared, bias).shape == (2, 0, 40)

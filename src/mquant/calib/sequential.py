@@ -8,6 +8,7 @@ by later ones, and only one block's activations are alive at a time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -23,6 +24,7 @@ from ..quant.weights import quantize_weight
 from ..errors import CalibrationError
 from ..report import LayerRecord
 from .capture import BlockInput, block_output
+from .checkpoint import CalibrationCheckpoint
 from .stats import GroupStats
 
 # Hooks that may edit a block between its statistics pass and quantization (SmoothQuant, RMS).
@@ -58,6 +60,11 @@ class SequentialCalibrator:
     progress: Callable[[str, int], None] | None = None
     pre_quant_hooks: list[PreQuantHook] = field(default_factory=list)
     records: list[LayerRecord] = field(default_factory=list)
+    # With a checkpoint, finished blocks are saved, and on a rerun restored instead of recalibrated.
+    checkpoint: CalibrationCheckpoint | None = None
+    # Called with each block (spec) before it is calibrated or restored: an offloaded model loads
+    # the block's weights here (calib/offload.py).
+    before_block: Callable[[object], None] | None = None
 
     def run_blocks(
         self,
@@ -71,10 +78,26 @@ class SequentialCalibrator:
         masks = masks if masks is not None else [None] * len(inputs)
         outputs: list[torch.Tensor | None] = []
         for index, block in enumerate(blocks):
-            outputs = self.process_block(block, inputs, scheme, part, masks)
+            runner = functools.partial(self._run, block.module, inputs, masks)
+            outputs = self.calibrate(f"{part}-{index:04d}", block, runner, scheme, part)
             inputs = [None if inp is None else inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
             if self.progress is not None:
                 self.progress(f"{part} {index + 1}/{len(blocks)}", 1)
+        return outputs
+
+    def calibrate(self, block_id: str, block, runner: Callable[[], object], scheme: SchemeConfig, part: str):
+        """`process_with_runner`, or — when the checkpoint already holds `block_id` — restore the
+        block's quantized state and only run `runner()` (a restored block still produces the next
+        block's inputs). With a checkpoint, a freshly calibrated block is saved before returning."""
+        if self.before_block is not None:
+            self.before_block(block)
+        if self.checkpoint is not None and self.checkpoint.has(block_id):
+            self.records.extend(self.checkpoint.load_block(block_id, block))
+            return runner()
+        first_record = len(self.records)
+        outputs = self.process_with_runner(block, runner, scheme, part)
+        if self.checkpoint is not None:
+            self.checkpoint.save_block(block_id, block, self.records[first_record:])
         return outputs
 
     def _run(self, module: nn.Module, inputs: list[BlockInput | None], masks: list) -> list[torch.Tensor | None]:

@@ -37,6 +37,7 @@ def write_adapter(state: dict[str, torch.Tensor], metadata: dict[str, str], fold
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".adapter.tmp.safetensors"
     save_file(state, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # shipped as package data: must be readable by every user
     digest = sha256_of(tmp)
     os.replace(tmp, folder / ADAPTER_FILE.name)
     tmp_sum = folder / ".adapter.tmp.sha256"

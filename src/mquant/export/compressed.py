@@ -53,7 +53,7 @@ def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_di
         _compress_into(skeleton, name, layer, schemes[name])
     compressor = ModelCompressor.from_pretrained_model(skeleton)
     qconfig = compressor.quantization_config
-    qconfig.ignore = [checkpoint_name(skeleton, n) for n in qconfig.ignore or []]
+    qconfig.ignore = _both_names(skeleton, qconfig.ignore or [])
     with atomic_directory(out_dir) as tmp:
         skeleton.save_pretrained(tmp)
         compressor.update_config(str(tmp))
@@ -84,9 +84,6 @@ def check_representable(model: nn.Module, layers: dict[str, QuantLinear]) -> Non
                               f"use --act dynamic or {_USE_MQUANT}")
         if layer.act_bits is not None and layer.weight_bits == 8 and layer.w_scale.shape[1] != 1:
             raise ConfigError(f"W8A8 with per-group weight scales ({name}) has no vLLM kernel; quantize per channel or {_USE_MQUANT}")
-    for name, module in model.named_modules():
-        if name and (module._forward_hooks or module._forward_pre_hooks):
-            raise ConfigError(f"{name} runs a forward hook (an online transform) that a plain transformers model would not; {_USE_MQUANT}")
 
 
 def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Module:
@@ -107,10 +104,14 @@ def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Modu
     for key, value in floats.items():  # tied parameters keep one of two values: both must agree
         if not torch.equal(state[key], value):
             raise ConfigError(f"{key} differs from the tensor it is tied to (a transform untied it); {_USE_MQUANT}")
-    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) are rebuilt, not assigned
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables): shared too
         owner, _, leaf = name.rpartition(".")
-        if name not in state and owner not in layers:
-            skeleton.get_submodule(owner)._buffers[leaf] = buf
+        if name in state or owner in layers:
+            continue
+        target = dict(skeleton.named_modules()).get(owner)
+        if target is None or leaf not in target._buffers:
+            raise ConfigError(f"buffer {name} (e.g. an online rotation) has no place in a plain {type(model).__name__}; {_USE_MQUANT}")
+        target._buffers[leaf] = buf
     return skeleton
 
 
@@ -130,7 +131,7 @@ def _scheme(layer: QuantLinear):
 
 def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
     """One scheme: target the Linear class (the usual llm-compressor config). Several (e.g. W8A8
-    vision, W4A16 language): each scheme targets its layers by checkpoint name."""
+    vision, W4A16 language): each scheme targets its layers by name."""
     distinct: list[Any] = []
     for scheme in schemes.values():
         if scheme not in distinct:
@@ -143,7 +144,7 @@ def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
     by_key = {d.model_dump_json(): d.model_copy(update={"targets": []}) for d in distinct}
     for name, scheme in schemes.items():
         shared = by_key[scheme.model_dump_json()]
-        shared.targets.append(checkpoint_name(skeleton, name))
+        shared.targets.extend(_both_names(skeleton, [name]))
         schemes[name] = shared
 
 
@@ -177,6 +178,20 @@ def _check_codes(name: str, linear: nn.Module, layer: QuantLinear) -> None:
         codes = linear.weight
     if not torch.equal(codes.to(torch.int8), layer.qweight):
         raise RuntimeError(f"compressed-tensors re-derived different integer codes for {name}")
+
+
+def _both_names(model: nn.Module, module_names: list[str]) -> list[str]:
+    """Module names as transformers calls them *and* as the checkpoint does (transformers 5 renames
+    some, e.g. Qwen2-VL's model.language_model.layers ↔ model.layers). vLLM matches `ignore` and
+    `targets` against checkpoint names (mapped like the weights), transformers' own loader
+    against its module names; an entry that matches nothing is ignored by both, so listing both
+    spellings keeps the config right for either reader."""
+    out: list[str] = []
+    for name in module_names:
+        for spelling in (name, checkpoint_name(model, name)):
+            if spelling not in out:
+                out.append(spelling)
+    return out
 
 
 def checkpoint_name(model: nn.Module, module_name: str) -> str:

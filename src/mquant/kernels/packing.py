@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant.quantizer import pack_int4 as _pack_int4
+from ..quant.quantizer import unpack_int4 as _unpack_int4
+
 from ..errors import ConfigError
 
 COLS = 16  # output columns per block = int32 lanes of a ZMM register
@@ -30,20 +33,17 @@ def check_codes(codes: torch.Tensor, bits: int) -> None:
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] in [-8, 7] -> uint8 [N, K/2] (low nibble = even column)."""
+    """int8 codes [N, K] in [-8, 7] -> uint8 [N, K/2] (low nibble = even column); the storage
+    format of `mquant.quant.quantizer.pack_int4`, which this validates and reuses."""
     check_codes(codes, 4)
-    if codes.shape[1] % 2:
-        raise ConfigError(f"4-bit packing needs an even number of input columns, got {codes.shape[1]}")
-    u = codes.view(torch.uint8) & 0x0F
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+    return _pack_int4(codes).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K/2] -> int8 codes [N, K] in [-8, 7] (inverse of `pack_int4`)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ConfigError(f"packed 4-bit weights must be uint8 [out, in/2], got {packed.dtype} {tuple(packed.shape)}")
-    nib = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-    return ((nib.to(torch.int16) ^ 8) - 8).to(torch.int8)  # sign-extend the 4-bit two's complement
+    return _unpack_int4(packed)
 
 
 def as_codes(weight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -79,8 +79,9 @@ def reference_linear(x_codes: torch.Tensor, x_scales: torch.Tensor, w_codes: tor
     """Exact float64 y [M, N] from int codes x_codes [M, K], w_codes [N, K] and float32 scales."""
     n_out, k_in = w_codes.shape
     ws, group = weight_groups(w_scale, n_out, k_in)
-    xg = x_codes.to(torch.float64).reshape(x_codes.shape[0], -1, group).transpose(0, 1)
-    wg = w_codes.to(torch.float64).reshape(n_out, -1, group).permute(1, 2, 0)
+    groups = ws.shape[1]
+    xg = x_codes.to(torch.float64).reshape(x_codes.shape[0], groups, group).transpose(0, 1)
+    wg = w_codes.to(torch.float64).reshape(n_out, groups, group).permute(1, 2, 0)
     sums = torch.bmm(xg, wg)  # [G, M, N], exact integers
     y = (sums * ws.to(torch.float64).t().unsqueeze(1)).sum(0)
     y = y * x_scales.to(torch.float64).reshape(-1, 1)
@@ -100,8 +101,9 @@ def reference_error_bound(x_codes: torch.Tensor, x_scales: torch.Tensor, w_codes
     sum |x w|: a kernel that accumulated in float32 fails it when the sums cancel."""
     n_out, k_in = w_codes.shape
     ws, group = weight_groups(w_scale, n_out, k_in)
-    xg = x_codes.to(torch.float64).reshape(x_codes.shape[0], -1, group).transpose(0, 1)
-    wg = w_codes.to(torch.float64).reshape(n_out, -1, group).permute(1, 2, 0)
+    groups = ws.shape[1]
+    xg = x_codes.to(torch.float64).reshape(x_codes.shape[0], groups, group).transpose(0, 1)
+    wg = w_codes.to(torch.float64).reshape(n_out, groups, group).permute(1, 2, 0)
     mag = (torch.bmm(xg, wg).abs() * ws.to(torch.float64).abs().t().unsqueeze(1)).sum(0)
     mag = mag * x_scales.to(torch.float64).abs().reshape(-1, 1)
     if bias is not None:

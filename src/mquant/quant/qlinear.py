@@ -117,8 +117,8 @@ class QuantLinear(nn.Linear):
             if self.input_observer is not None:
                 self.input_observer(x)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)) + self._rank1(x0)
-        if self.kernel is not None:
-            return self.kernel(self, x) + self._rank1(x0)
+        if self.kernel is not None:  # integer GEMM; it adds bias and the rank-1 term itself
+            return self.kernel(self, x, x0)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), bias) + self._rank1(x0)
 

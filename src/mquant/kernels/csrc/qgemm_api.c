@@ -79,7 +79,8 @@ MQ_EXPORT int mq_quantize(const float *x, int64_t M, int64_t K, int64_t K_pad, c
 {
     isa = resolve_isa(isa);
     if (isa < 0) return MQ_E_ISA;
-    if (M < 0 || K <= 0 || K_pad < K || G < 1 || gk < 1 || (corr && G * gk < K)) return MQ_E_ARGS;
+    if (M < 0 || K <= 0 || K_pad < K || G < 1 || gk < 1) return MQ_E_ARGS;
+    if (corr && (G * gk < K || (G > 1 && (gk % 16 || K != K_pad)))) return MQ_E_ARGS;
     const mq_quant_fn fn = quant_fn(isa);
     const int nt = threads_for(M * K * 16, nthreads);
     if (nt == 1) { /* no parallel region at all: even a one-thread region costs a runtime call */
@@ -100,7 +101,7 @@ static int check_gemm_args(int64_t M, int64_t K, int bits, int64_t N, int64_t N_
 {
     if (bits != 4 && bits != 8) return 0;
     if (M < 0 || N <= 0 || K <= 0 || K_pad < K || K_pad % 8 || N_pad < N || N_pad % MQ_COLS) return 0;
-    if (G < 1 || G * gk != K_pad || (G > 1 && gk % 16) || gk % 8) return 0;
+    if (G < 1 || G * gk != K_pad || (G > 1 && (gk % 16 || K != K_pad)) || gk % 8) return 0;
     return (ra == NULL) == (rb == NULL);
 }
 

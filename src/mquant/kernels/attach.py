@@ -1,0 +1,74 @@
+"""Run a quantized model's QuantLinears on the integer kernels instead of the reference path.
+
+`attach_kernels(model)` packs every W8A8/W4A8 layer's codes once for the selected backend and
+installs a runner; the runner quantizes the (already Hadamard-transformed, RMS-split) input with
+the layer's static scales — the modality mask picks visual or text rows — or per token when the
+layer is dynamic, runs the integer GEMM and adds bias and the RMS rank-1 term in the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..quant.qlinear import QuantLinear
+from ..quant.quantizer import pack_int4
+from ..quant.swap import quant_linears
+from .common import PreparedWeight, linear_dynamic, linear_static, prepare_weight
+
+
+@dataclass
+class KernelRunner:
+    prepared: PreparedWeight
+
+    def __call__(self, module: QuantLinear, x: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
+        rank1 = None if x0 is None else (x0.reshape(-1).float(), module.rms_w0.float())
+        if module.act_dynamic:
+            return linear_dynamic(x, self.prepared, module.bias, rank1)
+        scale = module.act_scale_rows(x)
+        scale = scale.float() if scale.ndim == 0 else scale.reshape(-1).float()
+        return linear_static(x, scale, self.prepared, module.bias, rank1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.prepared.data.values() if isinstance(v, torch.Tensor))
+
+
+def _prepare(module: QuantLinear, backend: str | None) -> PreparedWeight:
+    codes = pack_int4(module.qweight) if module.weight_bits == 4 else module.qweight
+    return prepare_weight(codes, module.w_scale, backend=backend, bits=module.weight_bits)
+
+
+def attach_kernels(model: nn.Module, backend: str | None = None, free_reference: bool = False) -> int:
+    """Install integer kernels on every quantized layer with 8-bit activations; returns the count.
+    With `free_reference`, the reference path's int8 code copy is released (saves memory; the model
+    can then no longer be saved or run without kernels)."""
+    count = 0
+    for module in quant_linears(model).values():
+        if not module.quantized or module.act_bits is None:
+            continue
+        module.kernel = KernelRunner(_prepare(module, backend))
+        module._dequant_cache = None
+        if free_reference:
+            module.qweight = None
+        count += 1
+    return count
+
+
+def detach_kernels(model: nn.Module) -> None:
+    for module in quant_linears(model).values():
+        module.kernel = None
+
+
+def kernel_weight_bytes(model: nn.Module) -> int:
+    """Bytes the kernels keep for weights (packed codes, scales), plus every float parameter."""
+    total = 0
+    for module in model.modules():
+        runner = getattr(module, "kernel", None)
+        if isinstance(module, QuantLinear) and runner is not None:
+            total += runner.nbytes + (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
+        elif not isinstance(module, QuantLinear):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
