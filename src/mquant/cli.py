@@ -164,6 +164,42 @@ def export(
     emit({"out": str(written), "format": format}, as_json, f"wrote {written} ({format})")
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="Default: the offline default model"),
+    visual_tokens: int = typer.Option(256, help="Visual tokens in the prompt (64 per default-model image)"),
+    text_tokens: int = typer.Option(32, help="Approximate text tokens in the prompt"),
+    new_tokens: int = typer.Option(16, help="Tokens generated for the decode measurement"),
+    repeats: int = typer.Option(5, help="Timed repetitions (median reported)"),
+    backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch (default: fastest)"),
+    variants: str = typer.Option(",".join(("fp32", "bf16", "w8a8-dynamic", "w8a8-static", "w4a8-static", "w4a8-dynamic"))),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
+    from .bench import VARIANTS, default_model_bench_inputs, run_bench
+    from .calib.data import build_calibration_inputs
+    from .config import CalibConfig
+    from .errors import ConfigError
+    from .models.loading import load_float_model
+
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown bench variant(s) {unknown}; use any of {', '.join(VARIANTS)}")
+    loaded = load_float_model(model)
+    if not hasattr(loaded.processor, "encode_prompt"):
+        raise ConfigError("mquant bench builds its prompts for the default model; pass no MODEL (other models: benchmarks/bench_linear.py)")
+    batch = default_model_bench_inputs(loaded.processor, visual_tokens, text_tokens)
+    calib = build_calibration_inputs(CalibConfig(n_samples=4), loaded.processor, loaded.model)
+    result = run_bench(loaded.model, batch, calib, chosen, new_tokens, repeats, backend, log=lambda line: err.print(line, highlight=False))
+    result.update({"visual_tokens": int((batch["input_ids"] == loaded.model.config.image_token_index).sum()),
+                   "prompt_tokens": int(batch["input_ids"].shape[1]), "model": loaded.source})
+    lines = [f"{r['variant']:14s} prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:7.1f} tok/s  "
+             f"weights {r['weight_bytes'] / 2**20:6.1f} MiB  peak {r['peak_bytes'] / 2**20:6.1f} MiB" for r in result["rows"]]
+    lines += [f"{k}: {v:.2f}" for k, v in result["ratios"].items()]
+    emit(result, as_json, "\n".join(lines))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

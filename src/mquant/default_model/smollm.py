@@ -8,6 +8,9 @@ every accuracy and quantization figure is measured relative to it, not to the or
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,28 @@ def find_gguf_folder() -> Path:
     return folder
 
 
+TOKENIZER_CACHE = Path(os.environ.get("MQUANT_CACHE", Path.home() / ".cache" / "mquant")) / "smollm2-tokenizer"
+
+
 def load_smollm2_tokenizer() -> Any:
-    """The SmolLM2 tokenizer rebuilt from the GGUF metadata."""
+    """The SmolLM2 tokenizer rebuilt from the GGUF metadata.
+
+    Rebuilding it from the GGUF takes ~10-20 s on a small CPU, so the result is saved once under
+    `~/.cache/mquant/smollm2-tokenizer/` (temp dir + rename, so a killed process leaves no half copy).
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(find_gguf_folder()), gguf_file=GGUF_FILE)
+    if (TOKENIZER_CACHE / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(TOKENIZER_CACHE))
+    tok = AutoTokenizer.from_pretrained(str(find_gguf_folder()), gguf_file=GGUF_FILE)
+    TOKENIZER_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=TOKENIZER_CACHE.parent))
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, TOKENIZER_CACHE)
+    except OSError:  # a concurrent process installed an identical copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
