@@ -69,7 +69,10 @@ def quantize(
         calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
         # The projector runs inside the model's forward (and, for DeepStack, in several places):
         # calibrate it with whole-model passes over the (already quantized) vision tower.
-        calibrator.calibrate("projector-0000", spec.projector, lambda: _forward_all(model, samples), recipe.vision, "projector")
+        # Forwards stop at the first language block: vision tower and projector(s) run, the LM does not.
+        first_language = spec.language.blocks[0].module
+        calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
+                             recipe.vision, "projector")
         if progress is not None:
             progress("projector", 1)
         inputs = capture_inputs(model, spec.language.blocks[0].module, samples)
@@ -88,11 +91,6 @@ def quantize(
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         transforms=transform_info,
     )
-
-
-def _forward_all(model: nn.Module, samples: Sequence[dict]) -> None:
-    for sample in samples:
-        model(**sample, use_cache=False)
 
 
 def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:

@@ -86,12 +86,14 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, help="Local benchmark data (file or folder) for textvqa/docvqa/ocrbench/mme"),
     reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
     batch_size: int = typer.Option(32),
+    reference_path: bool = typer.Option(False, "--reference-path", help="Run a quantized model on the fake-quant reference path instead of the integer kernels"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Evaluate a float or quantized model."""
+    """Evaluate a float or quantized model (quantized models run on the integer kernels)."""
     from .eval.harness import run_eval
 
-    result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err)
+    result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err,
+                      kernels=not reference_path)
     emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -140,6 +142,10 @@ def generate(
     from .models.loading import load_any
 
     loaded = load_any(model)
+    if loaded.quantized:
+        from .kernels.attach import attach_kernels
+
+        attach_kernels(loaded.model)
     check_prompt_fits(loaded, prompt, max_new_tokens)
     streamer = None if as_json else text_streamer(loaded.processor)
     answer = generate_texts(loaded.model, loaded.processor, [str(image)], [prompt], max_new_tokens=max_new_tokens,

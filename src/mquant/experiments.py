@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .api import quantize
+from .kernels.attach import attach_kernels
 from .calib.data import build_calibration_inputs
 from .config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
 from .models.loading import LoadedModel, load_float_model
@@ -113,6 +114,7 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
         model = copy.deepcopy(loaded.model)
         start = time.perf_counter()
         quantize(model, recipe, samples)
+        attach_kernels(model)  # scored as served: integer kernels (equal to the reference path up to float rounding)
         results.append(evaluator.score(name, recipe.language.name + ("-dyn" if recipe.language.act_dynamic else ""), model,
                                        time.perf_counter() - start))
         log(_line(results[-1]))

@@ -113,6 +113,7 @@ def test_offloaded_quantization_fits_a_budget_below_the_model_size(big_model, tm
     in_memory = json.loads((tmp_path / "in-memory.json").read_text())
     offloaded = json.loads((tmp_path / "offloaded.json").read_text())
     assert not in_memory["ok"], "the budget does not bite: quantizing the fully loaded model fit in it"
+    assert any(s in in_memory["error"] for s in ("allocate memory", "Cannot allocate memory", "can't start new thread")), in_memory
     assert offloaded["ok"], offloaded.get("error")
     assert offloaded["layers"] == {n: _layer_hash(m) for n, m in quant_linears(reference).items()}
     assert offloaded["logits"] == logits

@@ -16,7 +16,7 @@ from mquant.errors import ConfigError
 from mquant.export.compressed import checkpoint_name, export_compressed_tensors
 from mquant.quant.qlinear import dequantize_weight
 from mquant.quant.swap import quant_linears
-from mquant.testing.tiny import tiny_case
+from mquant.testing.tiny import TINY_FAMILIES, tiny_case
 
 LAYER = "model.language_model.layers.0.self_attn.q_proj"  # Qwen2-VL; saved as model.layers.0…
 
@@ -164,3 +164,11 @@ def test_unrepresentable_features_raise_config_error(case, tmp_path, kind):
     message = str(info.value)
     assert words in message and "--format mquant" in message and "\n" not in message
     assert not (tmp_path / "ct").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_exports_w8a8_exactly(family, tmp_path):
+    other = tiny_case(family)
+    model = _quantized(other, "w8a8")
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    _assert_same_weights(model, _reload_decompressed(model, out))

@@ -104,3 +104,26 @@ def test_bfloat16_model_round_trips_in_bfloat16(tmp_path):
     loaded = load_quantized(tmp_path / "q")
     out = _logits(loaded, batch)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+def test_export_model_mquant_format_rewrites_an_equal_directory(w4_dir, tmp_path):
+    from mquant.errors import ConfigError
+    from mquant.export import export_model
+
+    model, out = w4_dir
+    again = export_model(out, "mquant", tmp_path / "again")
+    batch = tiny_case("qwen2_vl").batch(batch_size=1, seed=4)
+    assert torch.equal(_logits(load_quantized(again), batch), _logits(model, batch))
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_model(out, "gguf", tmp_path / "x")
+
+
+def test_modality_specific_scales_round_trip(tmp_path):
+    case = tiny_case("qwen2_vl")
+    model = case.model
+    quantize(model, recipe_for("rtn", "w8a8").with_steps("msq"), [case.batch(batch_size=1, seed=0)])
+    assert any(not torch.equal(m.act_scale[0], m.act_scale[1]) for m in quant_linears(model).values())
+    batch = case.batch(batch_size=2, seed=8, text_only_row=True)
+    expected = _logits(model, batch)
+    save_quantized(model, tmp_path / "q")
+    assert torch.equal(_logits(load_quantized(tmp_path / "q"), batch), expected)

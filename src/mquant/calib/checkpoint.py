@@ -63,7 +63,9 @@ def run_key(recipe: Any, samples: Sequence[dict], model: nn.Module) -> str:
             else:
                 h.update(f"sample{i}.{key}={value!r}".encode())
     for name, tensor in model.state_dict().items():
-        if tensor.device.type != "meta":
+        if tensor.device.type == "meta":  # offloaded (calib/offload.py): identity by name and shape only
+            h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        else:
             _update_tensor(h, name, tensor, sample=True)
     return h.hexdigest()
 

@@ -90,12 +90,16 @@ def local_benchmark(loaded: LoadedModel, task: str, data: Path | None, limit: in
 
 
 def run_eval(model_source: str | None, task: str, *, limit: int | None = None, data: Path | None = None,
-             reference: str | None = None, batch_size: int = 32, progress=None) -> dict[str, Any]:
+             reference: str | None = None, batch_size: int = 32, progress=None, kernels: bool = True) -> dict[str, Any]:
     if task not in TASKS:
         raise InputError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     loaded = load_any(model_source)
+    if loaded.quantized and kernels:  # score the model as it is served: on the integer kernels
+        from ..kernels.attach import attach_kernels
+
+        attach_kernels(loaded.model)
     start = time.perf_counter()
     if task == "easy-vqa":
         result = easyvqa_accuracy(loaded, limit, batch_size, progress)
@@ -105,5 +109,5 @@ def run_eval(model_source: str | None, task: str, *, limit: int | None = None, d
         result = language_perplexity(loaded, limit)
     else:
         result = local_benchmark(loaded, task, data, limit, batch_size)
-    return {"task": task, "model": loaded.source, "quantized": loaded.quantized,
+    return {"task": task, "model": loaded.source, "quantized": loaded.quantized, "kernels": loaded.quantized and kernels,
             "calibration": _calibration_note(loaded), **result, "seconds": time.perf_counter() - start}

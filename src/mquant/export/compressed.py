@@ -16,6 +16,7 @@ RMS split, replaced modules, extra tensors or hooks, and schemes vLLM has no ker
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Modu
     from .native import float_dtype
 
     with torch.device("meta"):
-        skeleton = type(model)._from_config(model.config, dtype=getattr(torch, float_dtype(model)))
+        skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=getattr(torch, float_dtype(model)))
     floats = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
     result = skeleton.load_state_dict(floats, strict=False, assign=True)
     if result.unexpected_keys:
