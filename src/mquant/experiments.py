@@ -92,7 +92,8 @@ def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
     components added one at a time on top of static per-tensor GPTQ."""
     base = recipe_for("gptq", scheme)
     rows = [(m, recipe_for(m, scheme)) for m in ("rtn", "smoothquant", "gptq", "quarot")]
-    stages = [("mquant-static", ()), ("+msq", ("msq",)), ("+aifs", ("msq", "aifs")),
+    # The ablation starts from the `gptq` row (GPTQ weights, static per-tensor activations).
+    stages = [("+msq", ("msq",)), ("+aifs", ("msq", "aifs")),
               ("+ln_to_rms+rotation", ("msq", "aifs", "ln_to_rms", "rotate", "online_hadamard"))]
     for name, steps in stages:
         rows.append((name, replace(base, method="mquant", steps=steps)))
@@ -100,8 +101,15 @@ def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
     return rows
 
 
+def baseline_recipes(scheme: str) -> list[tuple[str, Recipe]]:
+    """RTN and GPTQ with static per-tensor and dynamic per-token activations."""
+    return [(m + ("-dynamic" if act == "dynamic" else ""), recipe_for(m, scheme, act)) for m in ("rtn", "gptq") for act in ("static", "dynamic")]
+
+
 def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: int, model_source: str | None = None,
-                 log: Callable[[str], None] = print) -> list[VariantResult]:
+                 log: Callable[[str], None] = print, save_path: str | None = None) -> list[VariantResult]:
+    """Quantize and score each recipe on the same questions; with `save_path`, the JSON of all rows
+    so far is rewritten after every variant (a long run that is cut off keeps what it measured)."""
     loaded = load_float_model(model_source)
     start = time.perf_counter()
     evaluator = Evaluator(loaded, limit)
@@ -109,7 +117,8 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
     results = [evaluator.score("float", "fp32", None, 0.0)]
     results[0].weight_bytes = weight_bytes(loaded.model)
     results[0].eval_seconds = time.perf_counter() - start
-    log(_line(results[-1]))
+    log(_line(results[0]))
+    _save_rows(save_path, results, limit, n_calib)
     for name, recipe in recipes:
         model = copy.deepcopy(loaded.model)
         start = time.perf_counter()
@@ -118,8 +127,22 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
         results.append(evaluator.score(name, recipe.language.name + ("-dyn" if recipe.language.act_dynamic else ""), model,
                                        time.perf_counter() - start))
         log(_line(results[-1]))
+        _save_rows(save_path, results, limit, n_calib)
         del model
     return results
+
+
+def _save_rows(path: str | None, results: list[VariantResult], limit: int | None, n_calib: int) -> None:
+    if path is None:
+        return
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    payload = {"limit": limit, "n_calib": n_calib, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in results]}
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
 
 
 def _line(r: VariantResult) -> str:
