@@ -53,30 +53,11 @@ def quantize(
     checkpoint = open_checkpoint(checkpoint_dir, recipe, samples, model)
     start = time.perf_counter()
     model.eval()
-    transform_info: dict[str, Any] = {}
     with torch.no_grad():
-        for step in steps_for(recipe, "float"):
-            transform_info[step.name] = step.run(model, adapter, spec, recipe)
-            spec = adapter.validate(model)
-        ctx = ModalityContext()
-        wrap_linears(model, spec, ctx)
-        spec = adapter.validate(model)
-        for step in steps_for(recipe, "online"):
-            transform_info[step.name] = step.run(model, adapter, spec, recipe)
+        spec, ctx, transform_info = _prepare(model, adapter, spec, recipe)
         hooks = [functools.partial(step.run, recipe=recipe) for step in steps_for(recipe, "pre_quant")]
         calibrator = SequentialCalibrator(recipe, ctx, progress, hooks, checkpoint=checkpoint, before_block=before_block)
-        inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
-        calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
-        # The projector runs inside the model's forward (and, for DeepStack, in several places):
-        # calibrate it with whole-model passes over the (already quantized) vision tower.
-        # Forwards stop at the first language block: vision tower and projector(s) run, the LM does not.
-        first_language = spec.language.blocks[0].module
-        calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
-                             recipe.vision, "projector")
-        if progress is not None:
-            progress("projector", 1)
-        inputs = capture_inputs(model, spec.language.blocks[0].module, samples)
-        calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks)
+        _calibrate(model, spec, calibrator, samples, masks, recipe, progress)
         model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
         model._mquant_ctx = ctx
         for step in steps_for(recipe, "post"):
@@ -91,6 +72,37 @@ def quantize(
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         transforms=transform_info,
     )
+
+
+def _prepare(model: nn.Module, adapter: ModelAdapter, spec, recipe: Recipe):
+    """Float-equivalent transforms on nn.Linear weights, then the swap to QuantLinear (float state)
+    and the online transforms that configure it. Returns the re-validated spec."""
+    info: dict[str, Any] = {}
+    for step in steps_for(recipe, "float"):
+        info[step.name] = step.run(model, adapter, spec, recipe)
+        spec = adapter.validate(model)
+    ctx = ModalityContext()
+    wrap_linears(model, spec, ctx)
+    spec = adapter.validate(model)
+    for step in steps_for(recipe, "online"):
+        info[step.name] = step.run(model, adapter, spec, recipe)
+    return spec, ctx, info
+
+
+def _calibrate(model, spec, calibrator: SequentialCalibrator, samples, masks, recipe: Recipe, progress) -> None:
+    """Vision blocks, then the projector, then language blocks: each stage is calibrated on the
+    outputs of the already-quantized stages before it."""
+    inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
+    calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
+    # The projector runs inside the model's forward (for DeepStack, in several places): its runner
+    # is a forward that stops at the first language block, so vision and projectors run, the LM not.
+    first_language = spec.language.blocks[0].module
+    calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
+                         recipe.vision, "projector")
+    if progress is not None:
+        progress("projector", 1)
+    inputs = capture_inputs(model, first_language, samples)
+    calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks)
 
 
 def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:
