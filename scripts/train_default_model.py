@@ -30,7 +30,7 @@ from mquant.default_model.processor import DefaultProcessor, preprocess_image
 from mquant.default_model.smollm import load_smollm2
 from mquant.default_model.training import (
     COLORS, SHAPES, LoRALinear, Projector, add_lora, attribute_labels, aux_loss, lm_loss, pack_image,
-    resume_from_adapter,
+    anchor_loss, anchor_targets, fit_anchor_projector, resume_from_adapter,
 )
 
 FEAT_CACHE = Path("/tmp/mquant_easyvqa_train_feats.pt")
@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="start from the adapter in weights/ (fresh optimizer)")
+    ap.add_argument("--anchor-init", action="store_true",
+                    help="refit the projector so image tokens = LM embedding(colour word) + embedding(shape word)")
+    ap.add_argument("--anchor-weight", type=float, default=0.0, help="keep image tokens near those anchors")
+    ap.add_argument("--skip-first-eval", action="store_true")
     ap.add_argument("--aux-weight", type=float, default=0.0,
                     help="weight of a colour/shape classification loss on the projected image tokens")
     args = ap.parse_args()
@@ -109,6 +113,11 @@ def main() -> None:
     if args.resume:
         resume_from_adapter(proj, loras)
     labels = attribute_labels(by_image)
+    anchors, known = anchor_targets(lm.model.embed_tokens.weight, tok, labels)
+    known[len(paths) - HOLDOUT_IMAGES:] = False
+    if args.anchor_init:
+        proj = Projector(flat.mean(0), flat.std(0) + 1e-6)
+        print(f"anchor fit: relative mse {fit_anchor_projector(proj, feats, anchors, known):.4f}", flush=True)
     aux_head = torch.nn.Linear(576, len(COLORS) + len(SHAPES))
     opt = torch.optim.AdamW([
         {"params": list(proj.parameters()) + list(aux_head.parameters()), "lr": args.lr_proj},
@@ -129,7 +138,8 @@ def main() -> None:
                 total += int(first.sum())
         return hits / total
 
-    print(f"step 0 holdout first-token acc {evaluate():.3f} {time.time() - t0:.0f}s", flush=True)
+    if not args.skip_first_eval:
+        print(f"step 0 holdout first-token acc {evaluate():.3f} {time.time() - t0:.0f}s", flush=True)
     t_train, step = time.time(), 0
     while True:
         step += 1
@@ -140,6 +150,8 @@ def main() -> None:
         imgs = rng.sample(train_imgs, args.batch)
         samples = [pack_image(proc, by_image[i]) for i in imgs]
         loss, ok, first = lm_loss(lm, proj, feats[imgs], samples, proc.image_token_id)
+        if args.anchor_weight > 0:
+            loss = loss + args.anchor_weight * anchor_loss(proj(feats[imgs]), anchors[imgs], known[imgs])
         if args.aux_weight > 0:
             loss = loss + args.aux_weight * aux_loss(aux_head, proj(feats[imgs]), labels[imgs])
         opt.zero_grad(set_to_none=True)

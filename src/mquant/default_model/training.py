@@ -172,3 +172,40 @@ def resume_from_adapter(proj: Projector, loras: dict[str, LoRALinear]) -> None:
             mod.A.copy_(state[f"lora.{name}.A"].float())
             mod.B.copy_(state[f"lora.{name}.B"].float())
     print("resumed from", assemble.ADAPTER_FILE, flush=True)
+
+
+def anchor_targets(embed: torch.Tensor, tokenizer, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: embedding(colour word) + embedding(shape word) of the LM, and a known-labels mask.
+
+    Image tokens that look like the words the answer is made of let the LM's existing copy ability
+    (attend to a token, emit it) do most of the work; the LoRA then only has to learn the yes/no logic.
+    """
+    cid = torch.tensor([tokenizer(c, add_special_tokens=False).input_ids[0] for c in COLORS])
+    sid = torch.tensor([tokenizer(s, add_special_tokens=False).input_ids[0] for s in SHAPES])
+    known = (labels[:, 0] >= 0) & (labels[:, 1] >= 0)
+    lab = labels.clamp(min=0)
+    return (embed[cid[lab[:, 0]]] + embed[sid[lab[:, 1]]]).detach(), known
+
+
+def anchor_loss(tokens: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """MSE of every image token to its image's anchor, relative to the anchor's power (0 when none known)."""
+    if not bool(known.any()):
+        return tokens.sum() * 0.0
+    tok, tgt = tokens[known], targets[known].unsqueeze(1)
+    return F.mse_loss(tok, tgt.expand_as(tok)) / tgt.pow(2).mean()
+
+
+def fit_anchor_projector(proj: Projector, feats: torch.Tensor, targets: torch.Tensor, known: torch.Tensor,
+                         steps: int = 400, seed: int = 0) -> float:
+    """Fit the projector alone (no LM, ~1 min on CPU) so that image tokens land on their anchors."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = known.nonzero().squeeze(1)
+    opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        b = idx[torch.randint(0, len(idx), (128,), generator=gen)]
+        loss = anchor_loss(proj(feats[b]), targets[b], torch.ones(len(b), dtype=torch.bool))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return float(loss)
