@@ -20,6 +20,8 @@ generator so calibration is reproducible.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from mquant.errors import CalibrationError, ConfigError
@@ -45,7 +47,7 @@ def _select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x[mask].float()
 
 
-class Observer:
+class Observer(ABC):
     """Base class: validates and selects data, tracks the exact running range."""
 
     def __init__(self) -> None:
@@ -78,8 +80,9 @@ class Observer:
                 "observer saw no data (empty calibration or the row mask never matched)"
             )
 
+    @abstractmethod
     def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(scale, zero) of a static per-tensor quantizer for what was observed."""
 
 
 class MinMaxObserver(Observer):
