@@ -58,13 +58,14 @@ def test_structure_and_image_tokens(default_model):
 
 
 @pytest.mark.slow
-def test_answers_match_plain_generation_and_are_mostly_right(default_model):
+def test_answers_match_plain_generation_and_are_right(default_model):
     model, proc = default_model
-    items = load_split("test")[:24]
-    fast = generate_answers(model, proc, items, batch_size=12)
-    batch = proc([Image.open(it.image_path) for it in items[:6]], [it.question for it in items[:6]])
+    items = load_split("test")[:16]
+    fast = generate_answers(model, proc, items, batch_size=8)
+    batch = proc([Image.open(it.image_path) for it in items[:4]], [it.question for it in items[:4]])
     with torch.no_grad():
         gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
     plain = [first_word(proc.decode(row[batch["input_ids"].shape[1]:])) for row in gen]
-    assert plain == fast[:6]
-    assert evaluate_easyvqa(model, proc, items, batch_size=12) >= 0.75
+    assert plain == fast[:4]  # the shared-image-prefix path answers exactly like plain generation
+    assert sum(f == it.answer for f, it in zip(fast, items)) / len(items) >= 0.9
+    assert evaluate_easyvqa(model, proc, items[:8], batch_size=8) == sum(f == it.answer for f, it in zip(fast[:8], items)) / 8

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mquant.default_model.easyvqa import ANSWERS, _image_chunks, first_word, load_split
+from mquant.default_model.easyvqa import ANSWERS, first_word, load_split
 from mquant.errors import ConfigError
 
 
@@ -25,9 +25,3 @@ def test_first_word():
     assert first_word("") == ""
 
 
-def test_chunks_keep_images_together():
-    items = load_split("test")[:200]
-    chunks = _image_chunks(items, 32)
-    assert sorted(i for c in chunks for i in c) == list(range(200))
-    seen = [{items[i].image_path for i in c} for c in chunks]
-    assert all(not (a & b) for k, a in enumerate(seen) for b in seen[k + 1:])

