@@ -19,6 +19,4 @@ mquant quantize --method mquant --scheme w4a8 --n-calib "$NCAL" --out /tmp/mquan
 mquant eval /tmp/mquant-w4a8 --task easy-vqa --json | tail -n 1 > "$OUT/eval_mquant_w4a8_full.json"
 log "end-to-end latency and memory"
 mquant bench --json | tail -n 1 > "$OUT/bench_e2e.json"
-log "W8A8 baselines and ablation on $LIMIT test questions"
-mquant ablate --scheme w8a8 --rows all --limit "$LIMIT" --n-calib "$NCAL" --save "$OUT/ablate_w8a8.json" --json > /dev/null
 log done
