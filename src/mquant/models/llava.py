@@ -83,7 +83,7 @@ class LlavaAdapter(ModelAdapter):
         parts = describe_vision_tower(names, core.vision_tower)
         layers = resolve_feature_layers(cfg.vision_feature_layer, parts.num_hidden_states)
         proj = core.multi_modal_projector
-        writers = linear_writers(names, proj.linear_2)
+        writers = linear_writers(names, proj.linear_2) + self._extra_language_writers(names, core)
         return ModelSpec(
             family=self.family,
             vision=vision_tower_spec(parts, names, raw_readers=(proj.linear_1,)),
@@ -94,6 +94,10 @@ class LlavaAdapter(ModelAdapter):
             extra={"vision_feature_layers": layers,
                    "vision_feature_select_strategy": cfg.vision_feature_select_strategy},
         )
+
+    def _extra_language_writers(self, names: ModuleNames, core: nn.Module) -> tuple:
+        """Parameters besides the projector that write image rows of the language stream."""
+        return ()
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         return (int(model.config.image_token_id),)

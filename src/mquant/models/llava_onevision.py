@@ -16,35 +16,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
-from .llava import decoder_tower_spec, linear_writers, mlp_projector_spec
+from .llava import LlavaAdapter
 from .registry import register
-from .spec import ModelSpec
-from .vision_towers import ModuleNames, describe_vision_tower, resolve_feature_layers, vision_tower_spec
+from .vision_towers import ModuleNames
 
 
 @register
-class LlavaOnevisionAdapter(ModelAdapter):
+class LlavaOnevisionAdapter(LlavaAdapter):
+    """LLaVA's spec plus the learned `image_newline` vector as a language-stream writer."""
+
     family = "llava_onevision"
     class_names = ("LlavaOnevisionForConditionalGeneration",)
     model_types = ("llava_onevision",)
 
-    def spec(self, model: nn.Module) -> ModelSpec:
-        names, core, cfg = ModuleNames(model), model.model, model.config
-        parts = describe_vision_tower(names, core.vision_tower)
-        layers = resolve_feature_layers(cfg.vision_feature_layer, parts.num_hidden_states)
-        proj = core.multi_modal_projector
-        writers = linear_writers(names, proj.linear_2) + (names.param(core, "image_newline", -1),)
-        return ModelSpec(
-            family=self.family,
-            vision=vision_tower_spec(parts, names, raw_readers=(proj.linear_1,)),
-            projector=mlp_projector_spec(names, proj),
-            language=decoder_tower_spec(names, core.language_model, model.lm_head, writers),
-            image_token_ids=self.spec_token_ids(model),
-            position_scheme="rope1d",
-            extra={"vision_feature_layers": layers,
-                   "vision_feature_select_strategy": cfg.vision_feature_select_strategy},
-        )
+    def _extra_language_writers(self, names: ModuleNames, core: nn.Module) -> tuple:
+        return (names.param(core, "image_newline", -1),)
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         return (int(model.config.image_token_id), int(model.config.video_token_id))
