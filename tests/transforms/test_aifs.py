@@ -11,7 +11,11 @@ import mquant.testing.tiny.llava  # noqa: F401  (registers "llava_dinov2" next t
 from mquant.api import quantize
 from mquant.config import recipe_for
 from mquant.errors import UnsupportedModelError
+from mquant.models.glm4v import Glm4vAdapter
+from mquant.models.idefics3 import Idefics3Adapter
+from mquant.models.internvl import InternVLAdapter
 from mquant.models.llava import LlavaAdapter
+from mquant.models.llava_onevision import LlavaOnevisionAdapter
 from mquant.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from mquant.models.qwen3_vl import Qwen3VLAdapter
 from mquant.quant.modality import ModalityContext, attach_modality_hook
@@ -21,7 +25,8 @@ from mquant.transforms.aifs_mask import restore_tokens, switch_order, take_token
 
 ADAPTERS = {
     "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter, "qwen3_vl": Qwen3VLAdapter,
-    "llava": LlavaAdapter, "llava_dinov2": LlavaAdapter,
+    "llava": LlavaAdapter, "llava_dinov2": LlavaAdapter, "llava_onevision": LlavaOnevisionAdapter,
+    "idefics3": Idefics3Adapter, "smolvlm": Idefics3Adapter, "internvl": InternVLAdapter, "glm4v": Glm4vAdapter,
 }  # fmt: skip
 FAMILIES = tuple(ADAPTERS)
 GENERATE_FAMILIES = ("qwen2_vl", "llava")
