@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "src/mquant/kernels/csrc"
-SOURCES = [f"{CSRC}/{name}" for name in ("qgemm_api.c", "qgemm_scalar.c", "qgemm_avx512.c", "qgemm_avx2.c")]
+SOURCES = [f"{CSRC}/{name}" for name in ("qgemm_api.c", "qgemm_hadamard.c", "qgemm_scalar.c", "qgemm_avx512.c", "qgemm_avx2.c")]
 # Keep in sync with mquant/kernels/_native.py (CFLAGS): -ffp-contract=off keeps the float epilogue
 # bit-identical across ISA levels and the PyTorch fallback.
 CFLAGS = ["-O3", "-std=c11", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
@@ -34,7 +34,7 @@ class BuildExtOpenMP(build_ext):
 setup(
     ext_modules=[
         Extension("mquant.kernels._qgemm", sources=SOURCES, depends=[f"{CSRC}/qgemm.h"],
-                  extra_compile_args=CFLAGS, optional=True)
+                  extra_compile_args=CFLAGS, libraries=["m"], optional=True)
     ],
     cmdclass={"build_ext": BuildExtOpenMP},
 )

@@ -115,21 +115,17 @@ def demo(
 @app.command()
 def ablate(
     model: Optional[str] = MODEL_ARG,
-    scheme: str = typer.Option("w4a8", help="w8a8 | w4a8"),
+    scheme: str = typer.Option("w4a8", help="w8a8 | w4a8, or both comma-separated (one float reference for all)"),
     limit: Optional[int] = typer.Option(500, help="easy-VQA test questions to score (0: the full test split)"),
     n_calib: int = typer.Option(32),
-    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | all"),
+    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | table (baselines + MQuant) | all"),
     save: Optional[Path] = typer.Option(None, help="Rewrite this JSON file after every variant"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
-    from .errors import ConfigError
-    from .experiments import ablation_recipes, baseline_recipes, markdown_table, run_variants
+    from .experiments import markdown_table, recipes_for_rows, run_variants
 
-    choices = {"ablation": ablation_recipes(scheme), "baselines": baseline_recipes(scheme)}
-    if rows not in (*choices, "all"):
-        raise ConfigError(f"--rows must be ablation, baselines or all, got '{rows}'")
-    recipes = choices[rows] if rows != "all" else choices["baselines"] + [r for r in choices["ablation"] if r[0] not in {n for n, _ in choices["baselines"]}]
+    recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip())]
     results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model,
                            log=lambda line: err.print(line, highlight=False), save_path=str(save) if save else None)
     emit({"rows": [r.to_dict() for r in results], "scheme": scheme, "limit": limit}, as_json, markdown_table(results))

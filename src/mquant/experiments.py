@@ -106,6 +106,19 @@ def baseline_recipes(scheme: str) -> list[tuple[str, Recipe]]:
     return [(m + ("-dynamic" if act == "dynamic" else ""), recipe_for(m, scheme, act)) for m in ("rtn", "gptq") for act in ("static", "dynamic")]
 
 
+def recipes_for_rows(rows: str, scheme: str) -> list[tuple[str, Recipe]]:
+    """The recipe rows `mquant ablate --rows` names: ablation, baselines, table (baselines + MQuant) or all."""
+    from .errors import ConfigError
+
+    baselines = baseline_recipes(scheme)
+    mquant_row = [r for r in ablation_recipes(scheme) if r[0] == "mquant"]
+    extra = [r for r in ablation_recipes(scheme) if r[0] not in {n for n, _ in baselines}]
+    choices = {"ablation": ablation_recipes(scheme), "baselines": baselines, "table": baselines + mquant_row, "all": baselines + extra}
+    if rows not in choices:
+        raise ConfigError(f"--rows must be one of {', '.join(choices)}, got '{rows}'")
+    return choices[rows]
+
+
 def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: int, model_source: str | None = None,
                  log: Callable[[str], None] = print, save_path: str | None = None) -> list[VariantResult]:
     """Quantize and score each recipe on the same questions; with `save_path`, the JSON of all rows

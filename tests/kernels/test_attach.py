@@ -41,3 +41,24 @@ def test_w4_kernel_weights_are_half_of_w8():
         sizes[scheme] = sum(m.kernel.nbytes for m in model.modules() if getattr(m, "kernel", None) is not None)
         assert kernel_weight_bytes(model) > sizes[scheme]
     assert sizes["w4a8"] <= 0.55 * sizes["w8a8"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_dinov2"])
+def test_fused_prologue_matches_pytorch_prologue(family):
+    """Online Hadamard + RMS split inside the C kernel give the logits of the PyTorch prologue."""
+    from mquant.kernels import _native
+
+    if _native.lib() is None:
+        pytest.skip("native kernel library unavailable")
+    case = tiny_case(family)
+    model = copy.deepcopy(case.model)
+    quantize(model, recipe_for("mquant", "w4a8"), [case.batch(batch_size=1, seed=i) for i in range(3)])
+    batch = case.batch(batch_size=2, seed=7)
+    with torch.no_grad():
+        attach_kernels(model, backend="native", fused_prologue=False)
+        unfused = model(**batch).logits
+        fused_layers = attach_kernels(model, backend="native")
+        fused = model(**batch).logits
+    assert any(m.kernel.prologue is not None for m in model.modules() if getattr(m, "kernel", None) is not None)
+    assert fused_layers > 0
+    assert float((fused - unfused).abs().max() / unfused.abs().max()) < 1e-4

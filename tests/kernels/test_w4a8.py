@@ -121,3 +121,50 @@ def test_empty_input_every_backend(bits):
         prepared = prepare_weight(w, ws, backend, bits=bits)
         assert linear_static(torch.zeros(0, 64), 0.1, prepared, bias).shape == (0, 40)
         assert linear_dynamic(torch.zeros(2, 0, 64), prepared, bias).shape == (2, 0, 40)
+
+
+@needs_native
+@pytest.mark.parametrize("k_in", [64, 384, 1536, 320, 1152])  # 2^k and 2^k * m with m = 12, 20, 36 (m=3*12)
+@pytest.mark.parametrize("rms", [False, True])
+def test_native_hadamard_prologue_equals_fwht(k_in, rms):
+    from mquant.kernels.common import input_prologue
+    from mquant.kernels.w4a8 import hadamard_rows
+    from mquant.transforms.hadamard import fwht
+
+    x = torch.randn(5, k_in, generator=torch.Generator().manual_seed(k_in)) * 3
+    P, m, H = input_prologue(k_in, True, None).hadamard
+    out, x0 = hadamard_rows(x, P, m, H, rms=rms)
+    expected = fwht(x)
+    if rms:
+        assert torch.equal(x0, expected[:, 0])
+        assert bool((out[:, 0] == 0).all())
+        out, expected = out[:, 1:], expected[:, 1:]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("scale", [0.05, None])
+def test_fused_prologue_linear_equals_prologue_then_linear(scale):
+    from mquant.kernels.common import input_prologue
+    from mquant.transforms.hadamard import fwht
+
+    x, w, ws, bias, _ = _problem(4, rows=7, n_out=48, k_in=384)
+    w0 = torch.randn(48)
+    prepared = prepare_weight(w, ws, "native", bits=4)
+    prologue = input_prologue(384, True, w0)
+    fused = linear_static(x, scale, prepared, bias, prologue=prologue) if scale else linear_dynamic(x, prepared, bias, prologue=prologue)
+    xh = fwht(x)
+    rank1 = (xh[:, 0].contiguous(), w0)
+    xh[:, 0] = 0
+    plain = linear_static(xh, scale, prepared, bias, rank1) if scale else linear_dynamic(xh, prepared, bias, rank1)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+
+
+def test_prologue_needs_a_fusing_backend():
+    from mquant.errors import ConfigError
+    from mquant.kernels.common import input_prologue
+
+    x, w, ws, bias, _ = _problem(8, k_in=256)
+    prepared = prepare_weight(w, ws, "torch", bits=8)
+    with pytest.raises(ConfigError, match="cannot fuse"):
+        linear_static(x, 0.05, prepared, bias, prologue=input_prologue(256, True, None))

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch  # loads torch's libgomp first, so the library's OpenMP calls share that runtime
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("qgemm_api.c", "qgemm_scalar.c", "qgemm_avx512.c", "qgemm_avx2.c")
+SOURCES = ("qgemm_api.c", "qgemm_hadamard.c", "qgemm_scalar.c", "qgemm_avx512.c", "qgemm_avx2.c")
 # -ffp-contract=off: the float epilogue must round the same at every ISA level and in the torch
 # fallback (an FMA would skip one rounding).
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
@@ -42,6 +42,10 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.mq_quantize.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I32]
     dll.mq_linear_argv.restype = _I32
     dll.mq_linear_argv.argtypes = [_P]
+    dll.mq_linear_ex_argv.restype = _I32
+    dll.mq_linear_ex_argv.argtypes = [_P]
+    dll.mq_hadamard_rows.restype = _I32
+    dll.mq_hadamard_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P]
     return dll
 
 
@@ -60,7 +64,7 @@ def _cache_dir() -> Path:
 
 def _compile(compiler: str, out: Path, openmp: bool) -> bool:
     srcs = [str(CSRC / s) for s in SOURCES]
-    cmd = [compiler, *CFLAGS, *(OPENMP_FLAGS if openmp else []), "-shared", *srcs, "-o", str(out)]
+    cmd = [compiler, *CFLAGS, *(OPENMP_FLAGS if openmp else []), "-shared", *srcs, "-o", str(out), "-lm"]
     try:
         return subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     except (OSError, subprocess.SubprocessError):

@@ -13,23 +13,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.modality import TEXT
 from ..quant.qlinear import QuantLinear
 from ..quant.quantizer import pack_int4
 from ..quant.swap import quant_linears
-from .common import PreparedWeight, linear_dynamic, linear_static, prepare_weight
+from .common import InputPrologue, PreparedWeight, input_prologue, linear_dynamic, linear_static, prepare_weight
 
 
 @dataclass
 class KernelRunner:
     prepared: PreparedWeight
+    # Set when the backend fuses the layer's online Hadamard / RMS split (native C prologue);
+    # otherwise QuantLinear.transform_input runs in PyTorch first.
+    prologue: InputPrologue | None = None
 
-    def __call__(self, module: QuantLinear, x: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        scale = None if module.act_dynamic else self._static_scale(module, x)
+        if self.prologue is not None:
+            if scale is None:
+                return linear_dynamic(x, self.prepared, module.bias, prologue=self.prologue)
+            return linear_static(x, scale, self.prepared, module.bias, prologue=self.prologue)
+        x, x0 = module.transform_input(x)
         rank1 = None if x0 is None else (x0.reshape(-1).float(), module.rms_w0.float())
-        if module.act_dynamic:
+        if scale is None:
             return linear_dynamic(x, self.prepared, module.bias, rank1)
-        scale = module.act_scale_rows(x)
-        scale = scale.float() if scale.ndim == 0 else scale.reshape(-1).float()
         return linear_static(x, scale, self.prepared, module.bias, rank1)
+
+    @staticmethod
+    def _static_scale(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | float:
+        """The text scale as a float (per-tensor kernel path), or the [rows] MSQ scales: same
+        values as QuantLinear.act_scale_rows, gathered with one index op."""
+        scales = module.act_scale
+        index = module.modality_ctx.row_index(x.shape[:-1]) if module.modality_ctx is not None else None
+        if index is None:
+            return float(scales[TEXT])
+        return scales.float().index_select(0, index)
 
     @property
     def nbytes(self) -> int:
@@ -41,15 +59,20 @@ def _prepare(module: QuantLinear, backend: str | None) -> PreparedWeight:
     return prepare_weight(codes, module.w_scale, backend=backend, bits=module.weight_bits)
 
 
-def attach_kernels(model: nn.Module, backend: str | None = None, free_reference: bool = False) -> int:
+def attach_kernels(model: nn.Module, backend: str | None = None, free_reference: bool = False,
+                   fused_prologue: bool = True) -> int:
     """Install integer kernels on every quantized layer with 8-bit activations; returns the count.
     With `free_reference`, the reference path's int8 code copy is released (saves memory; the model
-    can then no longer be saved or run without kernels)."""
+    can then no longer be saved or run without kernels).  `fused_prologue`: where the backend can,
+    the online Hadamard and RMS split run inside the kernel call (False: in PyTorch, as before)."""
     count = 0
     for module in quant_linears(model).values():
         if not module.quantized or module.act_bits is None:
             continue
-        module.kernel = KernelRunner(_prepare(module, backend))
+        prepared = _prepare(module, backend)
+        fuse = prepared.impl.fuses_prologue and fused_prologue
+        prologue = input_prologue(module.in_features, module.online_hadamard, module.rms_w0 if module.rms_split else None) if fuse else None
+        module.kernel = KernelRunner(prepared, prologue)
         module._dequant_cache = None
         if free_reference:
             module.qweight = None

@@ -33,7 +33,18 @@ class Backend:
     per_group: bool  # accepts per-group weight scales
     available: Callable[[], bool]
     prepare: Callable[[torch.Tensor, torch.Tensor, int], dict[str, Any]]  # (codes, w_scale [N, G], bits)
-    run: Callable[[torch.Tensor, ScaleArg, dict[str, Any], Optional[torch.Tensor], Rank1], torch.Tensor]
+    run: Callable[..., torch.Tensor]  # (x, scale, data, bias, rank1[, prologue=]) -> y
+    fuses_prologue: bool = False  # runs an InputPrologue inside the kernel (online Hadamard, RMS split)
+
+
+@dataclass(frozen=True)
+class InputPrologue:
+    """What a layer does to its input before the GEMM (QuantLinear.transform_input), for kernels
+    that fuse it: x <- x H_n (n = P*m, H the normalized order-m factor as float32 [m, m]), then
+    channel 0 is taken out of the integer GEMM and added back as x0 * rms_w0 in float."""
+
+    hadamard: Optional[tuple[int, int, torch.Tensor]]  # (P, m, H_m) or None
+    rms_w0: Optional[torch.Tensor]  # float32 [N] or None
 
 
 @dataclass(frozen=True)
@@ -141,15 +152,34 @@ def _static_scale_arg(x_scale: StaticScale, rows: int) -> ScaleArg:
     return row_scales(x_scale, rows).contiguous()
 
 
+def input_prologue(k_in: int, online_hadamard: bool, rms_w0: torch.Tensor | None) -> InputPrologue | None:
+    """The fused-kernel description of a layer's input transform (None when it has none)."""
+    if not online_hadamard and rms_w0 is None:
+        return None
+    hadamard = None
+    if online_hadamard:
+        from ..transforms.hadamard import base_hadamard, hadamard_decompose
+
+        P, m = hadamard_decompose(k_in)
+        hadamard = (P, m, base_hadamard(m).to(torch.float32).contiguous())
+    w0 = None if rms_w0 is None else rms_w0.detach().reshape(-1).to(torch.float32).contiguous()
+    return InputPrologue(hadamard, w0)
+
+
 def _run(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tensor | None,
-         rank1: Rank1, out_dtype: torch.dtype | None) -> torch.Tensor:
+         rank1: Rank1, out_dtype: torch.dtype | None, prologue: InputPrologue | None = None) -> torch.Tensor:
     x2 = _flat_input(x, prepared.k_in)
     rows = x2.shape[0]
     scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, rows)
     b32 = None if bias is None else _f32_vector(bias, prepared.n_out, "bias")
     r1 = None if rank1 is None else (_f32_vector(rank1[0], rows, "rank-1 row factor"),
                                      _f32_vector(rank1[1], prepared.n_out, "rank-1 column factor"))
-    y = prepared.impl.run(x2, scale_arg, prepared.data, b32, r1)
+    if prologue is None:
+        y = prepared.impl.run(x2, scale_arg, prepared.data, b32, r1)
+    elif not prepared.impl.fuses_prologue:
+        raise ConfigError(f"backend {prepared.backend!r} cannot fuse the online Hadamard / RMS prologue; use 'native'")
+    else:
+        y = prepared.impl.run(x2, scale_arg, prepared.data, b32, None, prologue=prologue)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], prepared.n_out)
     dtype = out_dtype or x.dtype
@@ -158,13 +188,15 @@ def _run(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tens
 
 def linear_static(x: torch.Tensor, x_scale: StaticScale, prepared: PreparedWeight,
                   bias: torch.Tensor | None = None, rank1: Rank1 = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, prologue: InputPrologue | None = None) -> torch.Tensor:
     """y = Q(x) W^T + bias (+ a b^T) with static activation scales: a scalar (per tensor), a [M]
-    vector, or row blocks [(start, stop, scale), ...] over the flattened rows of x [..., K]."""
-    return _run(x, x_scale, prepared, bias, rank1, out_dtype)
+    vector, or row blocks [(start, stop, scale), ...] over the flattened rows of x [..., K].
+    With `prologue` (native backend), x is first Hadamard-transformed / RMS-split inside the kernel."""
+    return _run(x, x_scale, prepared, bias, rank1, out_dtype, prologue)
 
 
 def linear_dynamic(x: torch.Tensor, prepared: PreparedWeight, bias: torch.Tensor | None = None,
-                   rank1: Rank1 = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   rank1: Rank1 = None, out_dtype: torch.dtype | None = None,
+                   prologue: InputPrologue | None = None) -> torch.Tensor:
     """Same GEMM with per-row (per-token) scales absmax/127 computed at run time: the baseline."""
-    return _run(x, _DYNAMIC, prepared, bias, rank1, out_dtype)
+    return _run(x, _DYNAMIC, prepared, bias, rank1, out_dtype, prologue)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import ConfigError, ResourceError
 from . import _native
-from .common import Backend, PreparedWeight, Rank1, ScaleArg, register
+from .common import Backend, InputPrologue, PreparedWeight, Rank1, ScaleArg, register
 from .packing import native_layout, native_scales, pack_native
 from .reference import dynamic_row_scales, quantize_rows
 
@@ -56,24 +56,46 @@ def _native_prepare(codes: torch.Tensor, ws: torch.Tensor, bits: int) -> dict[st
 
 
 def run_native(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Optional[torch.Tensor],
-               rank1: Rank1, isa: int = -1) -> torch.Tensor:
+               rank1: Rank1, isa: int = -1, prologue: Optional[InputPrologue] = None) -> torch.Tensor:
     """x float32 [M, K] contiguous -> y float32 [M, N].  isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512
-    VNNI (lower levels are forced only by tests)."""
+    VNNI (lower levels are forced only by tests).  `prologue`: online Hadamard / RMS split of x
+    done inside the call (csrc/qgemm_hadamard.c) instead of in PyTorch beforehand."""
     layout = data["layout"]
     rows = x.shape[0]
     y = torch.empty(rows, layout.n_out, dtype=torch.float32)
     keep, scale_ptr, scale_stride = _native.scale_pointer(scale)
+    rms = prologue is not None and prologue.rms_w0 is not None
+    if rms:
+        rank1 = (torch.empty(rows, dtype=torch.float32), prologue.rms_w0)  # the kernel fills channel 0
     a, b = (rank1[0].data_ptr(), rank1[1].data_ptr()) if rank1 is not None else (0, 0)
     # the argument order of mq_linear (csrc/qgemm_api.c); 0 = NULL
-    argv = array("q", [x.data_ptr(), rows, layout.k_in, scale_ptr or 0, scale_stride, data["packed"].data_ptr(),
-                       *data["shape"], data["scales"].data_ptr(), 0 if bias is None else bias.data_ptr(), a, b,
-                       y.data_ptr(), 0, _native.num_threads(), isa])
-    rc = _native.lib().mq_linear_argv(argv.buffer_info()[0])
+    argv = [x.data_ptr(), rows, layout.k_in, scale_ptr or 0, scale_stride, data["packed"].data_ptr(),
+            *data["shape"], data["scales"].data_ptr(), 0 if bias is None else bias.data_ptr(), a, b,
+            y.data_ptr(), 0, _native.num_threads(), isa]
+    if prologue is not None:
+        P, m, H = prologue.hadamard or (0, 1, None)
+        argv += [P, m, 0 if H is None else H.data_ptr(), int(rms)]
+    packed_argv = array("q", argv)  # must stay alive during the call: C reads it by address
+    entry = _native.lib().mq_linear_argv if prologue is None else _native.lib().mq_linear_ex_argv
+    rc = entry(packed_argv.buffer_info()[0])
     if rc != 0:
         error = ResourceError if rc == -3 else ConfigError
         raise error(f"native W{layout.bits}A8 kernel failed: {_MQ_ERRORS.get(rc, rc)}")
     del keep  # the per-tensor scale box had to outlive the call
     return y
+
+
+def hadamard_rows(x: torch.Tensor, P: int, m: int, H: Optional[torch.Tensor], rms: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The native prologue alone: (x H_n with channel 0 zeroed when `rms`, channel 0) for float32
+    x [M, K]; tests compare it with transforms.hadamard.fwht."""
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    x0 = torch.empty(x.shape[0], dtype=torch.float32) if rms else None
+    rc = _native.lib().mq_hadamard_rows(x.data_ptr(), x.shape[0], x.shape[1], P, m, 0 if H is None else H.data_ptr(),
+                                       0 if x0 is None else x0.data_ptr(), out.data_ptr())
+    if rc != 0:
+        raise ConfigError(f"native Hadamard prologue failed: {_MQ_ERRORS.get(rc, rc)}")
+    return out, x0
 
 
 # ---- pure PyTorch twin -----------------------------------------------------------------------
@@ -114,7 +136,7 @@ def run_torch(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Opti
     return y
 
 
-register(Backend("native", (4, 8), True, _native_available, _native_prepare, run_native))
+register(Backend("native", (4, 8), True, _native_available, _native_prepare, run_native, fuses_prologue=True))
 register(Backend("torch", (4, 8), True, lambda: True, _torch_prepare, run_torch))
 
 

@@ -22,6 +22,18 @@ class ModalityContext:
     # kernels may use it to run one GEMM slice per modality.
     contiguous: bool = False
 
+    def row_index(self, leading_shape: torch.Size) -> torch.Tensor | None:
+        """row_modality flattened to int64 [rows] (TEXT = 0, VISUAL = 1), computed once per mask:
+        every layer of a forward gathers its row scales with one index op instead of a where."""
+        mask = self.row_modality(leading_shape)
+        if mask is None:
+            return None
+        cached = getattr(self, "_index_cache", None)
+        if cached is None or cached[0] is not mask:
+            cached = (mask, mask.reshape(-1).to(torch.int64))
+            self._index_cache = cached
+        return cached[1]
+
     def row_modality(self, leading_shape: torch.Size) -> torch.Tensor | None:
         """Bool mask matching the activation's leading dims, or None if it does not apply
         (e.g. a decode step with a different sequence length, or no mask set)."""

@@ -112,13 +112,13 @@ class QuantLinear(nn.Linear):
         return cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized and self.kernel is not None:  # integer GEMM; it owns the input transform,
+            return self.kernel(self, x)  # bias and the rank-1 term (fused in C where it can)
         x, x0 = self.transform_input(x)
         if not self.quantized:
             if self.input_observer is not None:
                 self.input_observer(x)
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)) + self._rank1(x0)
-        if self.kernel is not None:  # integer GEMM; it adds bias and the rank-1 term itself
-            return self.kernel(self, x, x0)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(self.quantize_input(x), self.dequantized_weight(x.dtype), bias) + self._rank1(x0)
 

@@ -72,6 +72,19 @@ void mq_quant_avx512(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64
 void mq_panel_avx2(const mq_gemm_args *a, int64_t cb0, int nb);
 #endif
 
+/* Optional input prologue of mq_linear_ex (qgemm_hadamard.c): online Hadamard over each row
+ * (P > 0: n = P * m = K, H the order-m +-1 factor, row-major H[j][b]) and the RMS split (x0 != NULL:
+ * x0[r] receives channel 0 of the transformed row, which is then zeroed before quantization). */
+typedef struct {
+    int64_t P, m;      /* P == 0: no Hadamard */
+    const float *H;    /* [m][m] */
+    float *x0;         /* [M] or NULL */
+} mq_prologue;
+
+float mq_hadamard_scale(int64_t n);
+/* Rows [m0, m1) of x [M][K] -> out [M][K] (out may equal x: in place).  Returns 0, or -1 (no memory). */
+int mq_prologue_rows(const mq_prologue *pro, const float *x, int64_t K, int64_t m0, int64_t m1, float *out);
+
 /* Shared scalar epilogue so every instruction-set level rounds identically (no FMA contraction:
  * built with -ffp-contract=off).  Group partial: t = float(acc - corr) * s_w; f = f + t (g > 0). */
 static inline float mq_group_term(const mq_gemm_args *a, int64_t m, int64_t n, int64_t g, int32_t acc)

@@ -11,7 +11,7 @@
 #endif
 
 #define MQ_EXPORT __attribute__((visibility("default")))
-#define MQ_ABI_VERSION 2
+#define MQ_ABI_VERSION 3
 /* Below this many multiply-adds a second thread costs more (fork/join, or waiting for a busy
  * core) than it saves. */
 #define MQ_PARALLEL_MIN_MACS (1LL << 20)
@@ -105,50 +105,78 @@ static int check_gemm_args(int64_t M, int64_t K, int bits, int64_t N, int64_t N_
     return (ra == NULL) == (rb == NULL);
 }
 
-/* Fused: quantize x [M][K] (static scales scale_in[m * scale_stride], or dynamic when scale_in is
- * NULL) and run the integer GEMM against the packed weight; y [M][N] float32.  sx_out [M] (may be
- * NULL) receives the row scales.  Returns 0 or a negative MQ_E_*. */
+/* Fused: [prologue: online Hadamard / RMS split of each row] -> quantize x [M][K] (static scales
+ * scale_in[m * scale_stride], or dynamic when scale_in is NULL) -> integer GEMM against the packed
+ * weight; y [M][N] float32.  sx_out [M] (may be NULL) receives the row scales.  With an RMS
+ * prologue, ra must be pro->x0 (filled here before the GEMM reads it).  Returns 0 or MQ_E_*. */
+static int linear_impl(const float *x, int64_t M, int64_t K, const float *scale_in, int64_t scale_stride,
+                       const uint8_t *wp, int bits, int64_t N, int64_t N_pad, int64_t K_pad, int64_t G,
+                       int64_t gk, const float *ws, const float *bias, const float *ra, const float *rb,
+                       float *y, float *sx_out, int nthreads, int isa, const mq_prologue *pro)
+{
+    isa = resolve_isa(isa);
+    if (isa < 0) return MQ_E_ISA;
+    if (!check_gemm_args(M, K, bits, N, N_pad, K_pad, G, gk, ra, rb)) return MQ_E_ARGS;
+    if (pro && ((pro->P > 0 && (pro->P * pro->m != K || !pro->H)) || (pro->x0 && pro->x0 != ra))) return MQ_E_ARGS;
+    if (M == 0) return MQ_OK;
+    int8_t *xq = alloc64((size_t)(M * K_pad));
+    int32_t *corr = alloc64((size_t)(M * G) * sizeof(int32_t));
+    float *sx = sx_out ? sx_out : alloc64((size_t)M * sizeof(float));
+    float *xt = pro ? alloc64((size_t)(M * K) * sizeof(float)) : NULL; /* transformed rows */
+    int failed = !xq || !corr || !sx || (pro && !xt);
+    const mq_gemm_args args = {xq, corr, sx, wp, ws, bias, ra, rb, y, M, N, N_pad, K_pad, G, gk, bits};
+    const mq_quant_fn qfn = quant_fn(isa);
+    const mq_panel_fn pfn = panel_fn(isa);
+    const int32_t zp = bits == 4 ? 8 : 128;
+    const int64_t nblocks = N_pad / MQ_COLS, npanels = (nblocks + 2) / 3;
+    const float *xin = pro ? xt : x;
+    const int nt = threads_for(M * N * K, nthreads);
+    if (failed) {
+    } else if (nt == 1) { /* no parallel region at all: even a one-thread region costs a runtime call */
+        if (pro) failed = mq_prologue_rows(pro, x, K, 0, M, xt) != 0;
+        if (!failed) {
+            qfn(xin, K, K_pad, 0, M, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
+            for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
+        }
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+#pragma omp for schedule(static) reduction(| : failed)
+            for (int t = 0; t < nt; t++) {
+                const int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;
+                if (pro && mq_prologue_rows(pro, x, K, r0, r1, xt) != 0) failed = 1;
+                else qfn(xin, K, K_pad, r0, r1, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
+            }
+            if (!failed) {
+#pragma omp for schedule(static)
+                for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
+            }
+        }
+    }
+    free(xq);
+    free(corr);
+    free(xt);
+    if (!sx_out) free(sx);
+    return failed ? MQ_E_NOMEM : MQ_OK;
+}
+
 MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale_in,
                         int64_t scale_stride, const uint8_t *wp,
                         int bits, int64_t N, int64_t N_pad, int64_t K_pad, int64_t G, int64_t gk,
                         const float *ws, const float *bias, const float *ra, const float *rb, float *y,
                         float *sx_out, int nthreads, int isa)
 {
-    isa = resolve_isa(isa);
-    if (isa < 0) return MQ_E_ISA;
-    if (!check_gemm_args(M, K, bits, N, N_pad, K_pad, G, gk, ra, rb)) return MQ_E_ARGS;
-    if (M == 0) return MQ_OK;
-    int8_t *xq = alloc64((size_t)(M * K_pad));
-    int32_t *corr = alloc64((size_t)(M * G) * sizeof(int32_t));
-    float *sx = sx_out ? sx_out : alloc64((size_t)M * sizeof(float));
-    if (!xq || !corr || !sx) {
-        free(xq), free(corr);
-        if (!sx_out) free(sx);
-        return MQ_E_NOMEM;
-    }
-    const mq_gemm_args args = {xq, corr, sx, wp, ws, bias, ra, rb, y, M, N, N_pad, K_pad, G, gk, bits};
-    const mq_quant_fn qfn = quant_fn(isa);
-    const mq_panel_fn pfn = panel_fn(isa);
-    const int32_t zp = bits == 4 ? 8 : 128;
-    const int64_t nblocks = N_pad / MQ_COLS, npanels = (nblocks + 2) / 3;
-    const int nt = threads_for(M * N * K, nthreads);
-    if (nt == 1) { /* no parallel region at all: even a one-thread region costs a runtime call */
-        qfn(x, K, K_pad, 0, M, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
-        for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
-    } else {
-#pragma omp parallel num_threads(nt)
-        {
-#pragma omp for schedule(static)
-            for (int t = 0; t < nt; t++)
-                qfn(x, K, K_pad, M * t / nt, M * (t + 1) / nt, scale_in, scale_stride, sx, xq, corr, G, gk, zp, 0);
-#pragma omp for schedule(static)
-            for (int64_t p = 0; p < npanels; p++) pfn(&args, 3 * p, panel_blocks(nblocks, p));
-        }
-    }
-    free(xq);
-    free(corr);
-    if (!sx_out) free(sx);
-    return MQ_OK;
+    return linear_impl(x, M, K, scale_in, scale_stride, wp, bits, N, N_pad, K_pad, G, gk, ws, bias, ra, rb, y,
+                       sx_out, nthreads, isa, NULL);
+}
+
+/* The prologue alone (tests; and any caller that wants the transformed rows): x [M][K] -> out. */
+MQ_EXPORT int mq_hadamard_rows(const float *x, int64_t M, int64_t K, int64_t P, int64_t m, const float *H,
+                               float *x0, float *out)
+{
+    if (M < 0 || K <= 0 || (P > 0 && (P * m != K || !H))) return MQ_E_ARGS;
+    const mq_prologue pro = {P, m, H, x0};
+    return mq_prologue_rows(&pro, x, K, 0, M, out) == 0 ? MQ_OK : MQ_E_NOMEM;
 }
 
 /* mq_linear with its 20 arguments in one int64 array (pointers as addresses, NULL = 0), in the
@@ -161,5 +189,19 @@ MQ_EXPORT int mq_linear_argv(const int64_t *v)
                      (int)v[6], v[7], v[8], v[9], v[10], v[11], P(12, const float *), P(13, const float *),
                      P(14, const float *), P(15, const float *), P(16, float *), P(17, float *), (int)v[18],
                      (int)v[19]);
+#undef P
+}
+
+/* mq_linear_argv plus the prologue in slots 20..23: P (0 = no Hadamard), m, H pointer, RMS flag
+ * (non-zero: slot 14, the rank-1 left factor, is an [M] buffer this call fills with channel 0). */
+MQ_EXPORT int mq_linear_ex_argv(const int64_t *v)
+{
+    const mq_prologue pro = {v[20], v[21], (const float *)(intptr_t)v[22], v[23] ? (float *)(intptr_t)v[14] : NULL};
+    const int any = pro.P > 0 || pro.x0;
+#define P(i, T) ((T)(intptr_t)v[i])
+    return linear_impl(P(0, const float *), v[1], v[2], P(3, const float *), v[4], P(5, const uint8_t *),
+                       (int)v[6], v[7], v[8], v[9], v[10], v[11], P(12, const float *), P(13, const float *),
+                       P(14, const float *), P(15, const float *), P(16, float *), P(17, float *), (int)v[18],
+                       (int)v[19], any ? &pro : NULL);
 #undef P
 }
