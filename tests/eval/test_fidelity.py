@@ -57,3 +57,19 @@ def test_bad_inputs() -> None:
         next_token_fidelity(torch.zeros(2, 3), torch.zeros(2, 3), mask=[0, 0])
     with pytest.raises(InputError, match="NaN"):
         next_token_fidelity(torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 2))
+
+
+def test_kl_over_many_rows_is_computed_in_chunks_with_the_same_result():
+    """Full-split fidelity ([9673, 49152] logits) must not need the float64 copies of all rows at
+    once; chunked sums equal the one-shot float64 formula."""
+    from mquant.eval import fidelity
+
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.randn(fidelity._CHUNK_ROWS * 2 + 17, 50, generator=gen)
+    test = ref + 0.1 * torch.randn(ref.shape, generator=gen)
+    got = fidelity.next_token_fidelity(ref, test)
+    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(test.double(), -1)
+    expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert abs(got["kl"] - expected) < 1e-12 * max(1.0, expected) + 1e-15
+    assert got["positions"] == ref.shape[0]
+    assert got["top1_agreement"] == float((ref.argmax(-1) == test.argmax(-1)).double().mean())
