@@ -14,3 +14,11 @@ def test_bench_rows_and_memory_ordering():
         assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0 and row["peak_bytes"] >= row["weight_bytes"] > 0
     assert rows["w4a8-static"]["weight_bytes"] < rows["w8a8-static"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
     assert "prefill_speedup_w8a8-static_vs_bf16" in result["ratios"]
+
+
+def test_noaifs_variant_is_the_mquant_recipe_without_aifs():
+    from mquant.bench import variant_recipe
+
+    full, noaifs = variant_recipe("w4a8-static"), variant_recipe("w4a8-static-noaifs")
+    assert "aifs" in full.steps and noaifs.steps == tuple(s for s in full.steps if s != "aifs")
+    assert (noaifs.language, noaifs.vision, noaifs.weight_method) == (full.language, full.vision, full.weight_method)

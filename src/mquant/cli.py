@@ -181,7 +181,7 @@ def bench(
     new_tokens: int = typer.Option(16, help="Tokens generated for the decode measurement"),
     repeats: int = typer.Option(5, help="Timed repetitions (median reported)"),
     backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch (default: fastest)"),
-    variants: str = typer.Option(",".join(("fp32", "bf16", "w8a8-dynamic", "w8a8-static", "w4a8-static", "w4a8-dynamic"))),
+    variants: str = typer.Option("fp32,bf16,w8a8-dynamic,w8a8-static,w4a8-static,w4a8-static-noaifs,w4a8-dynamic"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
