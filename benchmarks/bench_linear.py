@@ -31,7 +31,29 @@ DEFAULT_MODEL = ["576x576", "1536x576", "576x1536", "384x384", "1536x384", "384x
 SHORT = {"onednn": "o", "native": "n", "int_mm": "i", "fbgemm": "f", "torch": "t"}
 
 
-def make_methods(n_out: int, k_in: int, rows: int, with_fallback: bool) -> dict[str, Callable[[], torch.Tensor]]:
+def hadamard_methods(x: torch.Tensor, w4: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """MQuant's input path of a down_proj/fc2 layer (online Hadamard, RMS split, static W4A8):
+    'n4sH' fused into the native kernel's C prologue, 'n4sHpy' as PyTorch ops before the kernel."""
+    from mquant.kernels.common import input_prologue
+    from mquant.transforms.hadamard import fwht, hadamard_supported
+
+    if native_isa() == "unavailable" or not hadamard_supported(x.shape[1]):
+        return {}
+    prepared = prepare_weight(w4, w_scale, "native", bits=4)
+    w0 = torch.randn(w4.shape[0], generator=torch.Generator().manual_seed(1))
+    x_scale = float(fwht(x).abs().max()) / 127
+    prologue = input_prologue(x.shape[1], True, w0)
+
+    def pytorch_prologue() -> torch.Tensor:
+        xh = fwht(x)
+        x0 = xh[..., :1]
+        xh = torch.cat([torch.zeros_like(x0), xh[..., 1:]], dim=-1)
+        return linear_static(xh, x_scale, prepared, bias, (x0.reshape(-1), w0))
+
+    return {"n4sH": lambda: linear_static(x, x_scale, prepared, bias, prologue=prologue), "n4sHpy": pytorch_prologue}
+
+
+def make_methods(n_out: int, k_in: int, rows: int, with_fallback: bool, hadamard: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k_in, generator=gen)
     x_scale = float(x.abs().max()) / 127
@@ -53,6 +75,8 @@ def make_methods(n_out: int, k_in: int, rows: int, with_fallback: bool) -> dict[
             tag = f"{SHORT.get(backend, backend)}{bits}"
             methods[tag + "s"] = lambda p=prepared: linear_static(x, x_scale, p, bias)
             methods[tag + "d"] = lambda p=prepared: linear_dynamic(x, p, bias)
+    if hadamard:
+        methods.update(hadamard_methods(x, w4, w_scale, bias))
     return methods
 
 
@@ -149,6 +173,8 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=0, metavar="MiB",
                     help="flush this many MiB (> last-level cache) before every timed call")
     ap.add_argument("--with-fallback", action="store_true", help="also time the pure-PyTorch backend (slow)")
+    ap.add_argument("--hadamard", action="store_true",
+                    help="also time W4A8 static with MQuant's online Hadamard + RMS split, fused in C (n4sH) vs PyTorch (n4sHpy)")
     ap.add_argument("--json", type=Path, help="write all measurements here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,14 +189,15 @@ def main() -> None:
     for shape in args.shapes:
         n_out, k_in = (int(v) for v in shape.lower().split("x"))
         for m in args.m:
-            methods = make_methods(n_out, k_in, m, args.with_fallback)
-            names = names or list(methods)
+            methods = make_methods(n_out, k_in, m, args.with_fallback, args.hadamard)
+            names += [n for n in methods if n not in names]
             stats_by_method = measure(methods, clock, args.min_time, args.min_reps, args.max_rounds, flush, args.burst)
             for name, stats in stats_by_method.items():
                 rows.append({"shape": shape, "n_out": n_out, "k_in": k_in, "m": m, "method": name, **stats})
             print(f"  measured {shape} M={m}", flush=True)
     print("legend: o=oneDNN qlinear, n=native C (VNNI), i=torch._int_mm, f=FBGEMM fp32-out, t=PyTorch fallback; "
-          "8/4 = weight bits; s=static per-tensor, d=dynamic per-token activations")
+          "8/4 = weight bits; s=static per-tensor, d=dynamic per-token activations; "
+          "H = with online Hadamard + RMS split fused in the C kernel, Hpy = the same done by PyTorch ops first")
     print_tables(rows, names)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

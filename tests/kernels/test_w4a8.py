@@ -124,16 +124,19 @@ def test_empty_input_every_backend(bits):
 
 
 @needs_native
-@pytest.mark.parametrize("k_in", [64, 384, 1536, 320, 1152])  # 2^k and 2^k * m with m = 12, 20, 36 (m=3*12)
+# 2^k (in-register levels below 16, and a size below one register) and 2^k * m for m = 12, 20, 28,
+# 36, 60, 140 (the order-m step's tile shapes: 1, 2, 3 chunks of 16 columns, and 64 + 64 + 12)
+@pytest.mark.parametrize("k_in", [8, 64, 1024, 384, 1536, 320, 448, 1152, 960, 8960])
 @pytest.mark.parametrize("rms", [False, True])
-def test_native_hadamard_prologue_equals_fwht(k_in, rms):
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_native_hadamard_prologue_equals_fwht(k_in, rms, isa):
     from mquant.kernels.common import input_prologue
     from mquant.kernels.w4a8 import hadamard_rows
     from mquant.transforms.hadamard import fwht
 
-    x = torch.randn(5, k_in, generator=torch.Generator().manual_seed(k_in)) * 3
+    x = torch.randn(11, k_in, generator=torch.Generator().manual_seed(k_in)) * 3  # 11 rows: a partial row tile
     P, m, H = input_prologue(k_in, True, None).hadamard
-    out, x0 = hadamard_rows(x, P, m, H, rms=rms)
+    out, x0 = hadamard_rows(x, P, m, H, rms=rms, isa=isa)
     expected = fwht(x)
     if rms:
         assert torch.equal(x0, expected[:, 0])

@@ -45,7 +45,7 @@ def _declare(dll: ctypes.CDLL) -> ctypes.CDLL:
     dll.mq_linear_ex_argv.restype = _I32
     dll.mq_linear_ex_argv.argtypes = [_P]
     dll.mq_hadamard_rows.restype = _I32
-    dll.mq_hadamard_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P]
+    dll.mq_hadamard_rows.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I32]
     return dll
 
 

@@ -85,14 +85,15 @@ def run_native(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Opt
     return y
 
 
-def hadamard_rows(x: torch.Tensor, P: int, m: int, H: Optional[torch.Tensor], rms: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def hadamard_rows(x: torch.Tensor, P: int, m: int, H: Optional[torch.Tensor], rms: bool = False,
+                  isa: int = -1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The native prologue alone: (x H_n with channel 0 zeroed when `rms`, channel 0) for float32
-    x [M, K]; tests compare it with transforms.hadamard.fwht."""
+    x [M, K]; tests compare it with transforms.hadamard.fwht.  isa as in `run_native`."""
     x = x.to(torch.float32).contiguous()
     out = torch.empty_like(x)
     x0 = torch.empty(x.shape[0], dtype=torch.float32) if rms else None
     rc = _native.lib().mq_hadamard_rows(x.data_ptr(), x.shape[0], x.shape[1], P, m, 0 if H is None else H.data_ptr(),
-                                       0 if x0 is None else x0.data_ptr(), out.data_ptr())
+                                       0 if x0 is None else x0.data_ptr(), out.data_ptr(), isa)
     if rc != 0:
         raise ConfigError(f"native Hadamard prologue failed: {_MQ_ERRORS.get(rc, rc)}")
     return out, x0

@@ -70,6 +70,7 @@ void mq_quant_avx512(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64
                      const float *scale_in, int64_t scale_stride, float *sx, int8_t *xq,
                      int32_t *corr, int64_t G, int64_t gk, int32_t zp, int flip);
 void mq_panel_avx2(const mq_gemm_args *a, int64_t cb0, int nb);
+void mq_fwht_avx512(const float *x, float *out, int64_t P, int64_t m, const float *H, float scale);
 #endif
 
 /* Optional input prologue of mq_linear_ex (qgemm_hadamard.c): online Hadamard over each row
@@ -79,6 +80,7 @@ typedef struct {
     int64_t P, m;      /* P == 0: no Hadamard */
     const float *H;    /* [m][m] */
     float *x0;         /* [M] or NULL */
+    int avx512;        /* run the AVX-512 transform (set from the resolved ISA level) */
 } mq_prologue;
 
 float mq_hadamard_scale(int64_t n);

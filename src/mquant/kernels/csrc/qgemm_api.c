@@ -119,6 +119,12 @@ static int linear_impl(const float *x, int64_t M, int64_t K, const float *scale_
     if (!check_gemm_args(M, K, bits, N, N_pad, K_pad, G, gk, ra, rb)) return MQ_E_ARGS;
     if (pro && ((pro->P > 0 && (pro->P * pro->m != K || !pro->H)) || (pro->x0 && pro->x0 != ra))) return MQ_E_ARGS;
     if (M == 0) return MQ_OK;
+    mq_prologue pro_isa;
+    if (pro) { /* the transform follows the ISA level the caller asked for, like the GEMM */
+        pro_isa = *pro;
+        pro_isa.avx512 = isa == MQ_ISA_AVX512VNNI;
+        pro = &pro_isa;
+    }
     int8_t *xq = alloc64((size_t)(M * K_pad));
     int32_t *corr = alloc64((size_t)(M * G) * sizeof(int32_t));
     float *sx = sx_out ? sx_out : alloc64((size_t)M * sizeof(float));
@@ -172,10 +178,12 @@ MQ_EXPORT int mq_linear(const float *x, int64_t M, int64_t K, const float *scale
 
 /* The prologue alone (tests; and any caller that wants the transformed rows): x [M][K] -> out. */
 MQ_EXPORT int mq_hadamard_rows(const float *x, int64_t M, int64_t K, int64_t P, int64_t m, const float *H,
-                               float *x0, float *out)
+                               float *x0, float *out, int isa)
 {
+    isa = resolve_isa(isa);
+    if (isa < 0) return MQ_E_ISA;
     if (M < 0 || K <= 0 || (P > 0 && (P * m != K || !H))) return MQ_E_ARGS;
-    const mq_prologue pro = {P, m, H, x0};
+    const mq_prologue pro = {P, m, H, x0, isa == MQ_ISA_AVX512VNNI};
     return mq_prologue_rows(&pro, x, K, 0, M, out) == 0 ? MQ_OK : MQ_E_NOMEM;
 }
 
@@ -196,7 +204,7 @@ MQ_EXPORT int mq_linear_argv(const int64_t *v)
  * (non-zero: slot 14, the rank-1 left factor, is an [M] buffer this call fills with channel 0). */
 MQ_EXPORT int mq_linear_ex_argv(const int64_t *v)
 {
-    const mq_prologue pro = {v[20], v[21], (const float *)(intptr_t)v[22], v[23] ? (float *)(intptr_t)v[14] : NULL};
+    const mq_prologue pro = {v[20], v[21], (const float *)(intptr_t)v[22], v[23] ? (float *)(intptr_t)v[14] : NULL, 0};
     const int any = pro.P > 0 || pro.x0;
 #define P(i, T) ((T)(intptr_t)v[i])
     return linear_impl(P(0, const float *), v[1], v[2], P(3, const float *), v[4], P(5, const uint8_t *),

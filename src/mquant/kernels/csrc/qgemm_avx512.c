@@ -4,10 +4,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
 #endif
 
 #include <immintrin.h>
@@ -174,6 +174,91 @@ void mq_quant_avx512(const float *x, int64_t K, int64_t K_pad, int64_t m0, int64
             }
         }
         memset(q + K, flip ? 0x80 : 0, (size_t)(K_pad - K));
+    }
+}
+
+/* The order-m step of the online Hadamard on R rows x C 16-column chunks of the [P][m] view:
+ * out[p][b] = sum_j x[p][j] * H[j][b], j ascending.  H is +-1, so x * h is exact and the fused
+ * multiply-add rounds exactly like the separate multiply and add of the portable code.  Rows past
+ * P re-read the last row and are not stored; chunks past m have an all-zero mask. */
+ALWAYS_INLINE void hmix_tile(const float *x, float *out, int64_t P, int64_t m, const float *H, int64_t p0,
+                             int64_t b0, const int R, const int C)
+{
+    __m512 acc[8][4];
+    __mmask16 mk[4];
+    const float *xr[8];
+    for (int c = 0; c < C; c++) {
+        const int64_t left = m - (b0 + 16 * c);
+        mk[c] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1u) : (__mmask16)0;
+    }
+    for (int i = 0; i < R; i++) xr[i] = x + (p0 + i < P ? p0 + i : P - 1) * m;
+    for (int c = 0; c < C; c++) {
+        const __m512 h0 = _mm512_maskz_loadu_ps(mk[c], H + b0 + 16 * c);
+        for (int i = 0; i < R; i++) acc[i][c] = _mm512_mul_ps(_mm512_set1_ps(xr[i][0]), h0);
+    }
+    for (int64_t j = 1; j < m; j++) {
+        __m512 hj[4];
+        for (int c = 0; c < C; c++) hj[c] = _mm512_maskz_loadu_ps(mk[c], H + j * m + b0 + 16 * c);
+        for (int i = 0; i < R; i++) {
+            const __m512 xv = _mm512_set1_ps(xr[i][j]);
+            for (int c = 0; c < C; c++) acc[i][c] = _mm512_fmadd_ps(xv, hj[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        if (p0 + i < P)
+            for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(out + (p0 + i) * m + b0 + 16 * c, mk[c], acc[i][c]);
+}
+
+/* Online Hadamard of one row (see qgemm_hadamard.c for the maths and the operation order, which
+ * this follows per element): x [P][m] -> out (distinct buffers).  The order-m step is register
+ * tiled (8 rows x 16-32 columns, or 4 rows x 48-64 columns); butterfly levels whose
+ * half-run is >= 12 floats are masked vector add/sub, and for m == 1 the levels h = 1, 2, 4, 8 run
+ * inside one register (lane l pairs with lane l ^ h). */
+void mq_fwht_avx512(const float *x, float *out, int64_t P, int64_t m, const float *H, float scale)
+{
+    const int64_t n = P * m;
+    if (m == 1) {
+        memcpy(out, x, (size_t)n * sizeof(float));
+    } else {
+        for (int64_t b0 = 0; b0 < m; b0 += 64) {
+            const int64_t chunks = (m - b0 + 15) / 16; /* constant tile shapes after inlining */
+            if (chunks == 1) for (int64_t p0 = 0; p0 < P; p0 += 8) hmix_tile(x, out, P, m, H, p0, b0, 8, 1);
+            else if (chunks == 2) for (int64_t p0 = 0; p0 < P; p0 += 8) hmix_tile(x, out, P, m, H, p0, b0, 8, 2);
+            else if (chunks == 3) for (int64_t p0 = 0; p0 < P; p0 += 4) hmix_tile(x, out, P, m, H, p0, b0, 4, 3);
+            else for (int64_t p0 = 0; p0 < P; p0 += 4) hmix_tile(x, out, P, m, H, p0, b0, 4, 4);
+        }
+    }
+    int64_t h = 1;
+    if (m == 1 && P >= 16) { /* levels 1..8 inside each 16-float register */
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        for (int64_t k = 0; k < n; k += 16) {
+            __m512 v = _mm512_loadu_ps(out + k);
+            for (int hh = 1; hh < 16; hh *= 2) {
+                const __m512 partner = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(hh)), v);
+                const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(hh));
+                /* lower lane l: x[l] + x[l+h];  upper lane l: x[l-h] - x[l] */
+                v = _mm512_mask_sub_ps(_mm512_add_ps(v, partner), upper, partner, v);
+            }
+            _mm512_storeu_ps(out + k, v);
+        }
+        h = 16;
+    }
+    for (; h < P; h *= 2) {
+        const int64_t len = h * m;
+        for (int64_t base = 0; base < n; base += 2 * len) {
+            float *a = out + base, *b = out + base + len;
+            for (int64_t i = 0; i < len; i += 16) {
+                const __mmask16 mk = len - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - i)) - 1u);
+                const __m512 u = _mm512_maskz_loadu_ps(mk, a + i), v = _mm512_maskz_loadu_ps(mk, b + i);
+                _mm512_mask_storeu_ps(a + i, mk, _mm512_add_ps(u, v));
+                _mm512_mask_storeu_ps(b + i, mk, _mm512_sub_ps(u, v));
+            }
+        }
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 mk = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1u);
+        _mm512_mask_storeu_ps(out + k, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, out + k), vs));
     }
 }
 

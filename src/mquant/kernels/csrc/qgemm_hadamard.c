@@ -53,8 +53,15 @@ int mq_prologue_rows(const mq_prologue *pro, const float *x, int64_t K, int64_t 
     const float scale = pro->P > 0 ? mq_hadamard_scale(pro->P * pro->m) : 1.0f;
     for (int64_t r = m0; r < m1; r++) {
         float *row = out + r * K;
-        if (row != x + r * K) memcpy(row, x + r * K, (size_t)K * sizeof(float));
-        if (pro->P > 0) fwht_row(row, pro->P, pro->m, pro->H, scale, tmp);
+#if defined(__x86_64__) || defined(_M_X64)
+        if (pro->P > 0 && pro->avx512 && row != x + r * K) {
+            mq_fwht_avx512(x + r * K, row, pro->P, pro->m, pro->H, scale);
+        } else
+#endif
+        {
+            if (row != x + r * K) memcpy(row, x + r * K, (size_t)K * sizeof(float));
+            if (pro->P > 0) fwht_row(row, pro->P, pro->m, pro->H, scale, tmp);
+        }
         if (pro->x0) { /* RMS: channel 0 leaves the integer GEMM, returns as a float rank-1 term */
             pro->x0[r] = row[0];
             row[0] = 0.0f;
