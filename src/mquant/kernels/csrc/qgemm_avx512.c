@@ -243,23 +243,43 @@ void mq_fwht_avx512(const float *x, float *out, int64_t P, int64_t m, const floa
         }
         h = 16;
     }
-    for (; h < P; h *= 2) {
-        const int64_t len = h * m;
-        for (int64_t base = 0; base < n; base += 2 * len) {
-            float *a = out + base, *b = out + base + len;
+    /* Remaining levels two at a time (a, b, c, d = runs at 0, len, 2 len, 3 len: level h pairs a-b
+     * and c-d, level 2h pairs the results a-c and b-d; per element the same adds in the same order
+     * as two passes), the last pass also applying the 1/sqrt(n) scale. */
+    const __m512 vs = _mm512_set1_ps(scale);
+    int scaled = 0;
+    while (h < P) {
+        const int two = 4 * h <= P, last = (two ? 4 * h : 2 * h) >= P;
+        const int64_t len = h * m, step = (two ? 4 : 2) * len;
+        for (int64_t base = 0; base < n; base += step) {
+            float *a = out + base, *b = a + len, *c = a + 2 * len, *d = a + 3 * len;
             for (int64_t i = 0; i < len; i += 16) {
                 const __mmask16 mk = len - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - i)) - 1u);
                 const __m512 u = _mm512_maskz_loadu_ps(mk, a + i), v = _mm512_maskz_loadu_ps(mk, b + i);
-                _mm512_mask_storeu_ps(a + i, mk, _mm512_add_ps(u, v));
-                _mm512_mask_storeu_ps(b + i, mk, _mm512_sub_ps(u, v));
+                __m512 s0 = _mm512_add_ps(u, v), s1 = _mm512_sub_ps(u, v);
+                if (two) {
+                    const __m512 w = _mm512_maskz_loadu_ps(mk, c + i), z = _mm512_maskz_loadu_ps(mk, d + i);
+                    const __m512 s2 = _mm512_add_ps(w, z), s3 = _mm512_sub_ps(w, z);
+                    __m512 t2 = _mm512_sub_ps(s0, s2), t3 = _mm512_sub_ps(s1, s3);
+                    s0 = _mm512_add_ps(s0, s2);
+                    s1 = _mm512_add_ps(s1, s3);
+                    if (last) t2 = _mm512_mul_ps(t2, vs), t3 = _mm512_mul_ps(t3, vs);
+                    _mm512_mask_storeu_ps(c + i, mk, t2);
+                    _mm512_mask_storeu_ps(d + i, mk, t3);
+                }
+                if (last) s0 = _mm512_mul_ps(s0, vs), s1 = _mm512_mul_ps(s1, vs);
+                _mm512_mask_storeu_ps(a + i, mk, s0);
+                _mm512_mask_storeu_ps(b + i, mk, s1);
             }
         }
+        h *= two ? 4 : 2;
+        scaled = last;
     }
-    const __m512 vs = _mm512_set1_ps(scale);
-    for (int64_t k = 0; k < n; k += 16) {
-        const __mmask16 mk = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1u);
-        _mm512_mask_storeu_ps(out + k, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, out + k), vs));
-    }
+    if (!scaled)
+        for (int64_t k = 0; k < n; k += 16) {
+            const __mmask16 mk = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1u);
+            _mm512_mask_storeu_ps(out + k, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, out + k), vs));
+        }
 }
 
 #if defined(__clang__)
