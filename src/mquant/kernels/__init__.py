@@ -4,13 +4,15 @@ per-token activation quantization, all int-exact against `reference.reference_li
     prepared = prepare_weight(codes, w_scale, bits=4)           # once, at load time
     y = linear_static(x, x_scale_or_row_blocks, prepared, bias)  # MQuant: static scales
     y = linear_dynamic(x, prepared, bias)                        # per-token baseline
+    y = linear_static(x, s, prepared, bias, prologue=input_prologue(K, True, rms_w0))
+                                      # MQuant's online Hadamard + RMS split fused (native backend)
 """
 
-from .common import (PreparedWeight, available_backends, linear_dynamic, linear_static, prepare_weight,
-                     select_backend)
+from .common import (InputPrologue, PreparedWeight, available_backends, input_prologue, linear_dynamic,
+                     linear_static, prepare_weight, select_backend)
 from .packing import pack_int4, unpack_int4
 from .reference import reference_linear, reference_linear_float
 from .w4a8 import native_isa
 
-__all__ = ["PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",
+__all__ = ["InputPrologue", "input_prologue", "PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",
            "prepare_weight", "reference_linear", "reference_linear_float", "select_backend", "unpack_int4"]

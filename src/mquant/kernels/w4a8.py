@@ -12,6 +12,10 @@ columns) runs at ~190-210 GMAC/s for W4 and W8 alike, i.e. at VPDPBUSD peak, so 
 equals W8A8 (within a few % of oneDNN at M >= 256) while reading half the weight bytes; at decode
 (M=1) it is 1.2-2.3x the fastest W8A8 (memory-bound on the large layers).  Per-group scales cost
 ~5% (g=128) to ~25% (g=32).
+
+MQuant layers with an online Hadamard (and RMS split) hand `run_native` an `InputPrologue`: the
+transform runs in C on each row right before it is quantized (csrc/qgemm_hadamard.c, AVX-512 in
+qgemm_avx512.c) instead of as a dozen PyTorch passes; ~1 us per 1536-wide row on one core.
 """
 
 from __future__ import annotations
