@@ -15,7 +15,7 @@ equals W8A8 (within a few % of oneDNN at M >= 256) while reading half the weight
 
 MQuant layers with an online Hadamard (and RMS split) hand `run_native` an `InputPrologue`: the
 transform runs in C on each row right before it is quantized (csrc/qgemm_hadamard.c, AVX-512 in
-qgemm_avx512.c) instead of as a dozen PyTorch passes; ~1 us per 1536-wide row on one core.
+qgemm_avx512.c) instead of as a dozen PyTorch passes; 1.2-1.5 us per 1536-wide row on one core (BENCHMARKS.md).
 """
 
 from __future__ import annotations

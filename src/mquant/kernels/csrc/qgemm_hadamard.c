@@ -48,8 +48,7 @@ float mq_hadamard_scale(int64_t n) { return (float)(1.0 / sqrt((double)n)); }
 
 int mq_prologue_rows(const mq_prologue *pro, const float *x, int64_t K, int64_t m0, int64_t m1, float *out)
 {
-    float *tmp = pro->P > 0 && pro->m > 1 ? malloc((size_t)pro->m * sizeof(float)) : NULL;
-    if (pro->P > 0 && pro->m > 1 && !tmp) return -1;
+    float *tmp = NULL; /* the portable transform's order-m scratch, allocated only if it runs */
     const float scale = pro->P > 0 ? mq_hadamard_scale(pro->P * pro->m) : 1.0f;
     for (int64_t r = m0; r < m1; r++) {
         float *row = out + r * K;
@@ -60,6 +59,7 @@ int mq_prologue_rows(const mq_prologue *pro, const float *x, int64_t K, int64_t 
 #endif
         {
             if (row != x + r * K) memcpy(row, x + r * K, (size_t)K * sizeof(float));
+            if (pro->P > 0 && pro->m > 1 && !tmp && !(tmp = malloc((size_t)pro->m * sizeof(float)))) return -1;
             if (pro->P > 0) fwht_row(row, pro->P, pro->m, pro->H, scale, tmp);
         }
         if (pro->x0) { /* RMS: channel 0 leaves the integer GEMM, returns as a float rank-1 term */
