@@ -35,7 +35,7 @@ def hadamard_methods(x: torch.Tensor, w4: torch.Tensor, w_scale: torch.Tensor, b
     """MQuant's input path of a down_proj/fc2 layer (online Hadamard, RMS split, static W4A8):
     'n4sH' fused into the native kernel's C prologue, 'n4sHpy' as PyTorch ops before the kernel."""
     from mquant.kernels.common import input_prologue
-    from mquant.transforms.hadamard import fwht, hadamard_supported
+    from mquant.core.hadamard import fwht, hadamard_supported
 
     if native_isa() == "unavailable" or not hadamard_supported(x.shape[1]):
         return {}

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mquant.default_model import assemble
-from mquant.default_model.dinov2_onnx import load_dinov2_from_onnx
-from mquant.default_model.easyvqa import load_split
-from mquant.default_model.processor import DefaultProcessor, preprocess_image
-from mquant.default_model.smollm import load_smollm2
-from mquant.default_model.training import (
+from mquant.demo import assemble
+from mquant.demo.dinov2_onnx import load_dinov2_from_onnx
+from mquant.demo.easyvqa import load_split
+from mquant.demo.processor import DefaultProcessor, preprocess_image
+from mquant.demo.smollm import load_smollm2
+from mquant.demo.training import (
     COLORS, SHAPES, LoRALinear, Projector, add_lora, attribute_labels, aux_loss, lm_loss, pack_image,
     anchor_loss, anchor_targets, fit_anchor_projector, resume_from_adapter,
 )

@@ -1,8 +1,8 @@
-"""The verbs: `quantize(model, recipe, calib=...)`, `save_quantized`, `load_quantized`."""
+"""The verbs: `quantize(model, recipe, calib=...)`, `save_quantized`, `load_quantized`, and
+`quantize_and_save` (load → quantize → save, as the CLI runs it)."""
 
 from __future__ import annotations
 
-import functools
 import resource
 import time
 from pathlib import Path
@@ -11,17 +11,22 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .calib.capture import capture_inputs
-from .calib.checkpoint import open_checkpoint
-from .calib.sequential import SequentialCalibrator
-from .config import CalibConfig, Recipe, recipe_for
-from .errors import CalibrationError
-from .models.base import ModelAdapter
-from .models.registry import get_adapter
-from .quant.modality import ModalityContext, attach_modality_hook
-from .quant.swap import wrap_linears
-from .report import QuantReport
-from .transforms.pipeline import steps_for
+from mquant.calib.capture import capture_inputs
+from mquant.calib.checkpoint import open_checkpoint
+from mquant.calib.data import build_calibration_inputs
+from mquant.calib.offload import OffloadSession, check_offloadable
+from mquant.calib.report import QuantReport
+from mquant.calib.sequential import SequentialCalibrator
+from mquant.config import CalibConfig, Recipe, recipe_for
+from mquant.core.state import QuantState
+from mquant.errors import CalibrationError
+from mquant.io.loader import load_quantized as _load_quantized
+from mquant.io.loading import load_float_model
+from mquant.io.native import save_quantized as _save_quantized
+from mquant.models.base import ModelAdapter
+from mquant.models.registry import get_adapter
+from mquant.steps import build_steps
+from mquant.steps.runner import install_steps, prepare_model
 
 
 def quantize(
@@ -51,18 +56,17 @@ def quantize(
     if not any(bool(m.any()) for m in masks):
         raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
     checkpoint = open_checkpoint(checkpoint_dir, recipe, samples, model)
+    steps = build_steps(recipe)
     start = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        spec, ctx, transform_info = _prepare(model, adapter, spec, recipe)
-        hooks = [functools.partial(step.run, recipe=recipe) for step in steps_for(recipe, "pre_quant")]
-        calibrator = SequentialCalibrator(recipe, ctx, progress, hooks, checkpoint=checkpoint, before_block=before_block)
+        state = QuantState.ensure(model)
+        spec, transform_info = prepare_model(model, adapter, spec, steps, state)
+        calibrator = SequentialCalibrator(recipe, steps, state.ctx, progress, checkpoint=checkpoint, before_block=before_block)
         _calibrate(model, spec, calibrator, samples, masks, recipe, progress)
-        model._mquant_modality_hook = attach_modality_hook(model, ctx, spec.image_token_ids)
-        model._mquant_ctx = ctx
-        for step in steps_for(recipe, "post"):
-            transform_info[step.name] = step.run(model, adapter, spec, recipe)
-    model.mquant_recipe = recipe
+        state.recipe = recipe
+        state.track_modality(model, spec.image_token_ids)
+        transform_info.update(install_steps(model, adapter, spec, steps))
     return QuantReport(
         model=type(model).__name__,
         recipe=recipe.to_dict(),
@@ -72,21 +76,6 @@ def quantize(
         peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         transforms=transform_info,
     )
-
-
-def _prepare(model: nn.Module, adapter: ModelAdapter, spec, recipe: Recipe):
-    """Float-equivalent transforms on nn.Linear weights, then the swap to QuantLinear (float state)
-    and the online transforms that configure it. Returns the re-validated spec."""
-    info: dict[str, Any] = {}
-    for step in steps_for(recipe, "float"):
-        info[step.name] = step.run(model, adapter, spec, recipe)
-        spec = adapter.validate(model)
-    ctx = ModalityContext()
-    wrap_linears(model, spec, ctx)
-    spec = adapter.validate(model)
-    for step in steps_for(recipe, "online"):
-        info[step.name] = step.run(model, adapter, spec, recipe)
-    return spec, ctx, info
 
 
 def _calibrate(model, spec, calibrator: SequentialCalibrator, samples, masks, recipe: Recipe, progress) -> None:
@@ -108,12 +97,7 @@ def _calibrate(model, spec, calibrator: SequentialCalibrator, samples, masks, re
 def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:
     if calib is None:
         calib = CalibConfig()
-    if isinstance(calib, CalibConfig):
-        from .calib.data import build_calibration_inputs
-
-        samples = build_calibration_inputs(calib, processor, model)
-    else:
-        samples = list(calib)
+    samples = build_calibration_inputs(calib, processor, model) if isinstance(calib, CalibConfig) else list(calib)
     if not samples:
         raise CalibrationError("the calibration set is empty; pass image+prompt samples (--calib DIR|FILE.jsonl, --n-calib N >= 1)")
     return samples
@@ -125,17 +109,36 @@ def _describe_calibration(calib: Any, n: int) -> dict[str, Any]:
     return {"source": "user-provided inputs", "n_samples": n}
 
 
+def quantize_offloaded(model: nn.Module, recipe: Recipe, calib: CalibConfig | Sequence[dict] | None, **kwargs: Any):
+    """`quantize` on a model opened with `calib.offload.load_offloaded`: only the block being
+    calibrated is materialized. Returns (report, session); call `materialize(model)` before saving."""
+    check_offloadable(recipe)
+    session = OffloadSession(model)
+    report = quantize(model, recipe, calib, before_block=session.before_block, **kwargs)
+    return report, session
+
+
 def save_quantized(model: nn.Module, out_dir, processor: Any = None, report: QuantReport | None = None):
     """Write a quantized model (our format) and, if given, its report, atomically."""
-    from .export.native import save_quantized as _save
-
     extra = {"calibration": report.calibration} if report is not None else {}
-    return _save(model, out_dir, processor=processor, extra=extra, report=report)
+    return _save_quantized(model, out_dir, processor=processor, extra=extra, report=report)
 
 
 def load_quantized(model_dir) -> nn.Module:
     """Rebuild a model saved by `save_quantized`; its outputs are bit-identical to the saved one.
-    Any problem with the directory raises CheckpointError naming the file (see export/loader.py)."""
-    from .export.loader import load_quantized as _load
+    Any problem with the directory raises CheckpointError naming the file (see io/loader.py)."""
+    return _load_quantized(model_dir)
 
-    return _load(model_dir)
+
+def quantize_and_save(model_source: str | None, recipe: Recipe, calib: CalibConfig, out: Path, progress=None) -> QuantReport:
+    """Everything is validated before the output directory is touched; it is written atomically."""
+    loaded = load_float_model(model_source)
+    if progress is not None and hasattr(progress, "set_total"):
+        spec = get_adapter(loaded.model).validate(loaded.model)
+        progress.set_total(len(spec.vision.blocks) + 1 + len(spec.language.blocks))
+    report = quantize(loaded.model, recipe, calib, processor=loaded.processor, progress=progress)
+    if progress is not None and hasattr(progress, "close"):
+        progress.close()
+    report.model = loaded.source
+    save_quantized(loaded.model, out, processor=loaded.processor, report=report)
+    return report

@@ -15,7 +15,7 @@ import click
 import typer
 from rich.console import Console
 
-from .errors import MQuantError
+from mquant.errors import MQuantError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fully static W8A8/W4A8 quantization of whole vision-language models (MQuant).")
@@ -32,7 +32,7 @@ def emit(payload: dict[str, Any], as_json: bool, human: str | None = None) -> No
 
 
 def _progress():
-    from .progress import BlockProgress
+    from mquant.progress import BlockProgress
 
     return BlockProgress(err)
 
@@ -53,8 +53,8 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:
     """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
-    from .config import CalibConfig, recipe_for
-    from .pipeline import quantize_and_save
+    from mquant.config import CalibConfig, recipe_for
+    from mquant.api import quantize_and_save
 
     recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
     calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed)
@@ -67,9 +67,9 @@ def quantize(
 @app.command()
 def info(model: Optional[str] = MODEL_ARG, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show the adapter's view of MODEL: towers, blocks, linear groups, norms, quantization state."""
-    from .models.loading import load_any
-    from .models.registry import get_adapter
-    from .inspect_model import describe
+    from mquant.io.loading import load_any
+    from mquant.models.registry import get_adapter
+    from mquant.eval.inspect import describe
 
     loaded = load_any(model)
     payload = describe(loaded.model, get_adapter(loaded.model))
@@ -90,7 +90,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate a float or quantized model (quantized models run on the integer kernels)."""
-    from .eval.harness import run_eval
+    from mquant.eval.harness import run_eval
 
     result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err,
                       kernels=not reference_path)
@@ -104,8 +104,8 @@ def demo(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The main job, offline: default model → W4A8 fully static MQuant → float vs quantized table."""
-    from .config import recipe_for
-    from .experiments import markdown_table, run_variants
+    from mquant.config import recipe_for
+    from mquant.eval.ablation import markdown_table, run_variants
 
     log = (lambda line: err.print(line, highlight=False)) if as_json else (lambda line: err.print(line, highlight=False))
     results = run_variants([("mquant", recipe_for("mquant", "w4a8"))], limit=limit, n_calib=n_calib, log=log)
@@ -123,7 +123,7 @@ def ablate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
-    from .experiments import markdown_table, recipes_for_rows, run_variants
+    from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
 
     recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip())]
     results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model,
@@ -140,13 +140,13 @@ def generate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer PROMPT about IMAGE with a float or quantized model, streaming tokens."""
-    from .eval.generation import generate_texts
-    from .generation_io import check_prompt_fits, text_streamer
-    from .models.loading import load_any
+    from mquant.eval.generation import generate_texts
+    from mquant.eval.generation_io import check_prompt_fits, text_streamer
+    from mquant.io.loading import load_any
 
     loaded = load_any(model)
     if loaded.quantized:
-        from .kernels.attach import attach_kernels
+        from mquant.kernels.attach import attach_kernels
 
         attach_kernels(loaded.model)
     check_prompt_fits(loaded, prompt, max_new_tokens)
@@ -167,7 +167,7 @@ def export(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a quantized model for serving (compressed-tensors, the format vLLM loads) or re-save it."""
-    from .export import export_model
+    from mquant.io.export import export_model
 
     written = export_model(model_dir, format, out)
     emit({"out": str(written), "format": format}, as_json, f"wrote {written} ({format})")
@@ -185,11 +185,11 @@ def bench(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
-    from .bench import VARIANTS, default_model_bench_inputs, run_bench
-    from .calib.data import build_calibration_inputs
-    from .config import CalibConfig
-    from .errors import ConfigError
-    from .models.loading import load_float_model
+    from mquant.eval.bench import VARIANTS, default_model_bench_inputs, run_bench
+    from mquant.calib.data import build_calibration_inputs
+    from mquant.config import CalibConfig
+    from mquant.errors import ConfigError
+    from mquant.io.loading import load_float_model
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in VARIANTS]

@@ -1,24 +1,27 @@
 """Frozen, typed, versioned configuration: what to quantize and how.
 
 A `Recipe` is written into every saved model (`to_dict`) and read back with `from_dict`, which
-refuses other versions instead of guessing.
+refuses unknown versions instead of guessing (version 1, the flat layout before step configs,
+is still read: models saved then keep loading).
+
+Each recipe step (an algorithm in `mquant.steps`) owns one frozen config class here, registered
+by its `name`; `order` fixes where it runs relative to the others. Adding a step = its config
+class below + its module in `mquant/steps/` + one line in `mquant.steps.STEPS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Literal
 
 from .errors import ConfigError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+READABLE_RECIPE_VERSIONS = (1, 2)
 
-WeightMethod = Literal["rtn", "gptq"]
 Method = Literal["rtn", "gptq", "smoothquant", "quarot", "mquant"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "smoothquant", "quarot", "mquant")
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
-# Float-equivalent transforms and quantization steps, in the order they are applied.
-STEP_ORDER: tuple[str, ...] = ("smoothquant", "ln_to_rms", "rotate", "online_hadamard", "rms", "msq", "aifs")
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACT_BITS = (8,)
 
@@ -65,67 +68,227 @@ class SchemeConfig:
         )
 
 
+# ---- weight quantizers ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RTNConfig:
+    """Round-to-nearest weights; `clip_search` picks each scale's clip ratio by MSE."""
+
+    method: ClassVar[str] = "rtn"
+    clip_search: bool = False
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
+    """GPTQ weights (quantizers/gptq.py documents each choice)."""
+
+    method: ClassVar[str] = "gptq"
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     clip_search: bool = False
 
 
+WeightConfig = RTNConfig | GPTQConfig
+_WEIGHT_CONFIGS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+
+
+def weight_config(method: str, **options: Any) -> WeightConfig:
+    if method not in _WEIGHT_CONFIGS:
+        raise ConfigError(f"unknown weight method '{method}'; use rtn or gptq")
+    cls = _WEIGHT_CONFIGS[method]
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in known})
+
+
+# ---- recipe steps -----------------------------------------------------------------------------
+class StepConfig:
+    """Base of every step's config: a frozen dataclass with a registered `name` and an `order`."""
+
+    name: ClassVar[str]
+    order: ClassVar[int]
+    _registry: ClassVar[dict[str, type[StepConfig]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        StepConfig._registry[cls.name] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        """Every registered step, in the order the steps run."""
+        return tuple(sorted(StepConfig._registry, key=lambda n: StepConfig._registry[n].order))
+
+    @staticmethod
+    def named(name: str, **params: Any) -> StepConfig:
+        cls = StepConfig._registry.get(name)
+        if cls is None:
+            raise ConfigError(f"unknown recipe step '{name}'; known: {', '.join(StepConfig.names())}")
+        try:
+            return cls(**params)
+        except TypeError as exc:
+            raise ConfigError(f"recipe step '{name}': {exc}; its options are {[f.name for f in fields(cls)]}") from exc
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> StepConfig:
+        params = dict(data)
+        return StepConfig.named(params.pop("name", None), **params)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(StepConfig):
+    """SmoothQuant: migrate activation range into weights, s = max|x|^α / max|W|^(1-α)."""
+
+    name: ClassVar[str] = "smoothquant"
+    order: ClassVar[int] = 0
+    alpha: float = 0.5
+
+
+@dataclass(frozen=True)
+class LnToRmsConfig(StepConfig):
+    """LayerNorm → RMSNorm unification (MQUANT.md §3)."""
+
+    name: ClassVar[str] = "ln_to_rms"
+    order: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class RotateConfig(StepConfig):
+    """Hadamard rotation of the residual streams folded into the weights; `seed` draws its signs."""
+
+    name: ClassVar[str] = "rotate"
+    order: ClassVar[int] = 2
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class OnlineHadamardConfig(StepConfig):
+    """Run-time Hadamard before down_proj / fc2, compensated in the weight."""
+
+    name: ClassVar[str] = "online_hadamard"
+    order: ClassVar[int] = 3
+
+
+@dataclass(frozen=True)
+class RMSConfig(StepConfig):
+    """Rotation magnitude suppression; `threshold` on the outlier ratio, None: every rotated linear."""
+
+    name: ClassVar[str] = "rms"
+    order: ClassVar[int] = 4
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class MSQConfig(StepConfig):
+    """Modality-specific static scales: one [text, visual] pair per language activation point."""
+
+    name: ClassVar[str] = "msq"
+    order: ClassVar[int] = 5
+
+
+@dataclass(frozen=True)
+class AIFSConfig(StepConfig):
+    """Attention-invariant flexible switching: visual then text rows, one block each (run time)."""
+
+    name: ClassVar[str] = "aifs"
+    order: ClassVar[int] = 6
+
+
+def _as_step(step: StepConfig | str) -> StepConfig:
+    if isinstance(step, StepConfig):
+        return step
+    if isinstance(step, str):
+        return StepConfig.named(step)
+    raise ConfigError(f"recipe steps are StepConfig objects or step names, got {type(step).__name__}")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Everything `quantize` does to a model, in order.
-
-    `steps` are applied in `STEP_ORDER`; `weight_method` quantizes the weights afterwards.
-    """
+    """Everything `quantize` does to a model: `steps` (run in their configs' order), then the
+    weight quantizer `weights` with the `vision` / `language` schemes."""
 
     method: str = "rtn"
     vision: SchemeConfig = field(default_factory=SchemeConfig)
     language: SchemeConfig = field(default_factory=SchemeConfig)
-    weight_method: str = "rtn"
+    weights: WeightConfig = field(default_factory=RTNConfig)
     observer: str = "minmax"
-    steps: tuple[str, ...] = ()
-    gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    smoothquant_alpha: float = 0.5
-    rms_threshold: float | None = None  # None: RMS on every online-rotated linear
-    rotation_seed: int = 42
+    steps: tuple[StepConfig, ...] = ()
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method '{self.method}'; use one of {', '.join(METHODS)}")
-        if self.weight_method not in ("rtn", "gptq"):
-            raise ConfigError(f"unknown weight method '{self.weight_method}'; use rtn or gptq")
+        if not isinstance(self.weights, (RTNConfig, GPTQConfig)):
+            raise ConfigError(f"weights must be RTNConfig or GPTQConfig, got {type(self.weights).__name__}")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"unknown observer '{self.observer}'; use one of {', '.join(OBSERVERS)}")
-        unknown = [s for s in self.steps if s not in STEP_ORDER]
-        if unknown:
-            raise ConfigError(f"unknown recipe step(s) {unknown}; known: {', '.join(STEP_ORDER)}")
-        object.__setattr__(self, "steps", tuple(s for s in STEP_ORDER if s in self.steps))
+        steps = [_as_step(s) for s in self.steps]
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"recipe lists a step twice: {names}; keep one of each")
+        object.__setattr__(self, "steps", tuple(sorted(steps, key=lambda s: s.order)))
+
+    @property
+    def weight_method(self) -> str:
+        return self.weights.method
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.steps)
 
     def has(self, step: str) -> bool:
-        return step in self.steps
+        return step in self.step_names
 
-    def with_steps(self, *steps: str) -> Recipe:
-        return replace(self, steps=tuple(steps))
+    def step(self, name: str) -> StepConfig | None:
+        return next((s for s in self.steps if s.name == name), None)
+
+    def with_steps(self, *steps: StepConfig | str) -> Recipe:
+        """This recipe with exactly `steps`; a step named by string keeps this recipe's options."""
+        return replace(self, steps=tuple(self.step(s) or s if isinstance(s, str) else s for s in steps))
+
+    def without(self, name: str) -> Recipe:
+        return replace(self, steps=tuple(s for s in self.steps if s.name != name))
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["steps"] = list(self.steps)
-        return data
+        return {
+            "method": self.method,
+            "vision": asdict(self.vision),
+            "language": asdict(self.language),
+            "weights": {"method": self.weights.method, **asdict(self.weights)},
+            "observer": self.observer,
+            "steps": [s.to_dict() for s in self.steps],
+            "version": self.version,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         version = data.get("version")
-        if version != RECIPE_VERSION:
-            raise ConfigError(f"recipe version {version} is not supported by this mquant (expects {RECIPE_VERSION}); re-quantize with this version")
-        fields = dict(data)
-        fields["vision"] = SchemeConfig(**fields["vision"])
-        fields["language"] = SchemeConfig(**fields["language"])
-        fields["gptq"] = GPTQConfig(**fields["gptq"])
-        fields["steps"] = tuple(fields["steps"])
-        return cls(**fields)
+        if version not in READABLE_RECIPE_VERSIONS:
+            raise ConfigError(f"recipe version {version} is not supported by this mquant (reads {READABLE_RECIPE_VERSIONS}); re-quantize with this version")
+        if version == 1:
+            data = _upgrade_v1(data)
+        weights = dict(data["weights"])
+        return cls(
+            method=data["method"],
+            vision=SchemeConfig(**data["vision"]),
+            language=SchemeConfig(**data["language"]),
+            weights=weight_config(weights.pop("method"), **weights),
+            observer=data["observer"],
+            steps=tuple(StepConfig.from_dict(s) for s in data["steps"]),
+        )
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept step options flat in the recipe and RTN read `gptq.clip_search`."""
+    params = {"smoothquant": {"alpha": data.get("smoothquant_alpha", 0.5)},
+              "rms": {"threshold": data.get("rms_threshold")},
+              "rotate": {"seed": data.get("rotation_seed", 42)}}
+    gptq = dict(data.get("gptq") or {})
+    method = data.get("weight_method", "rtn")
+    weights = {"method": method, **gptq} if method == "gptq" else {"method": "rtn", "clip_search": gptq.get("clip_search", False)}
+    steps = [{"name": name, **params.get(name, {})} for name in data.get("steps", [])]
+    return {**data, "weights": weights, "steps": steps, "version": RECIPE_VERSION}
 
 
 # Transform steps each method uses; `mquant ablate` walks MQUANT_STEPS one at a time.
@@ -149,8 +312,8 @@ def recipe_for(
     language = SchemeConfig.parse(scheme, act, group_size)
     vision = SchemeConfig.parse(vision_scheme or scheme, act, group_size)
     steps = {"smoothquant": ("smoothquant",), "quarot": QUAROT_STEPS, "mquant": MQUANT_STEPS}.get(method, ())
-    weight_method = "rtn" if method in ("rtn", "smoothquant") else "gptq"
-    return Recipe(method=method, vision=vision, language=language, weight_method=weight_method, observer=observer, steps=steps)
+    weights = RTNConfig() if method in ("rtn", "smoothquant") else GPTQConfig()
+    return Recipe(method=method, vision=vision, language=language, weights=weights, observer=observer, steps=steps)
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ import sys
 import pytest
 import torch
 
-from mquant.api import load_quantized, quantize, save_quantized
-from mquant.calib.offload import check_offloadable, load_offloaded, materialize, quantize_offloaded
+from mquant.api import load_quantized, quantize, quantize_offloaded, save_quantized
+from mquant.calib.offload import check_offloadable, load_offloaded, materialize
 from mquant.config import recipe_for
 from mquant.errors import ConfigError
-from mquant.quant.swap import quant_linears
+from mquant.core.swap import quant_linears
 from mquant.testing.tiny import tiny_case
 from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
 
@@ -33,9 +33,10 @@ CHILD = r"""
 import hashlib, json, resource, sys
 import torch
 torch.set_num_threads(1)
-from mquant.calib.offload import load_offloaded, quantize_offloaded, uncached_dequant
+from mquant.api import quantize_offloaded
+from mquant.calib.offload import load_offloaded, uncached_dequant
 from mquant.config import recipe_for
-from mquant.quant.swap import quant_linears
+from mquant.core.swap import quant_linears
 from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
 
 def vmdata():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from mquant.default_model.easyvqa import load_split
+from mquant.demo.easyvqa import load_split
 from mquant.eval.generation import generate_texts
 from mquant.eval.shared_prefix import answer_by_image, common_prefix_length
 
@@ -16,8 +16,8 @@ def test_common_prefix_leaves_a_suffix():
 
 @pytest.fixture(scope="module")
 def tiny_default_shaped():
-    from mquant.default_model.processor import DefaultProcessor, IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS
-    from mquant.default_model.smollm import load_smollm2_tokenizer
+    from mquant.demo.processor import DefaultProcessor, IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS
+    from mquant.demo.smollm import load_smollm2_tokenizer
 
     tokenizer = load_smollm2_tokenizer()
     torch.manual_seed(0)

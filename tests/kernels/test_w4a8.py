@@ -132,7 +132,7 @@ def test_empty_input_every_backend(bits):
 def test_native_hadamard_prologue_equals_fwht(k_in, rms, isa):
     from mquant.kernels.common import input_prologue
     from mquant.kernels.w4a8 import hadamard_rows
-    from mquant.transforms.hadamard import fwht
+    from mquant.core.hadamard import fwht
 
     x = torch.randn(11, k_in, generator=torch.Generator().manual_seed(k_in)) * 3  # 11 rows: a partial row tile
     P, m, H = input_prologue(k_in, True, None).hadamard
@@ -149,7 +149,7 @@ def test_native_hadamard_prologue_equals_fwht(k_in, rms, isa):
 @pytest.mark.parametrize("scale", [0.05, None])
 def test_fused_prologue_linear_equals_prologue_then_linear(scale):
     from mquant.kernels.common import input_prologue
-    from mquant.transforms.hadamard import fwht
+    from mquant.core.hadamard import fwht
 
     x, w, ws, bias, _ = _problem(4, rows=7, n_out=48, k_in=384)
     w0 = torch.randn(48)

@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError, ResourceError
-from ..quant.qlinear import QuantLinear
-from ..report import LayerRecord
+from mquant.errors import CheckpointError, ResourceError
+from mquant.core.qlinear import QuantLinear
+from mquant.calib.report import LayerRecord
 
 FORMAT = "mquant-calibration-checkpoint"
 VERSION = 1

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import CalibConfig
-from ..errors import CalibrationError, InputError
+from mquant.config import CalibConfig
+from mquant.errors import CalibrationError, InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 DEFAULT_PROMPT = "Describe the image."
@@ -27,7 +27,7 @@ class CalibPair:
 
 
 def _default_pairs() -> list[CalibPair]:
-    from ..default_model.easyvqa import load_split
+    from mquant.demo.easyvqa import load_split
 
     return [CalibPair(item.image_path, item.question) for item in load_split("train")]
 

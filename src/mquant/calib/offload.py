@@ -4,7 +4,7 @@ The float model is opened with accelerate's offloading (`from_pretrained(device_
 offload_folder=…)`): every module is on the meta device with an `AlignDevicesHook` that reads its
 tensors from the checkpoint's safetensors (memory-mapped, not copied) for the duration of one
 forward call. `quantize` then runs as usual, with one addition, `OffloadSession.before_block`,
-called by the calibrator before each block:
+called by the calibrator before each block (`mquant.api.quantize_offloaded` wires it):
 
 * the block's tensors are read from disk onto its execution device and its hooks removed, so
   calibration (and SmoothQuant's in-place edits) work on real, persistent tensors;
@@ -15,7 +15,7 @@ So at any time memory holds: the quantized blocks so far, one float block, and o
 a streamed forward (e.g. the embedding). Everything not in a block (embeddings, lm_head, final
 norms) stays offloaded; `materialize(model)` loads it when the model is saved.
 
-Wrapping linears in QuantLinear (`quant.swap.wrap_linears`) creates new modules without the
+Wrapping linears in QuantLinear (`core.swap.wrap_linears`) creates new modules without the
 accelerate hook; the session moves each hook onto its QuantLinear before the first block so that
 whole-model forwards (projector calibration) still stream the not-yet-calibrated linears.
 
@@ -34,7 +34,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from mquant.config import Recipe
+from mquant.core.qlinear import QuantLinear
+from mquant.errors import ConfigError
+from mquant.steps import build_steps
 
 _HOOK = "_hf_hook"
 
@@ -156,7 +159,6 @@ class OffloadSession:
     def _move_hooks_to_wrappers(self) -> None:
         from accelerate.hooks import add_hook_to_module
 
-        from ..quant.qlinear import QuantLinear
 
         for name, module in self.model.named_modules():
             hook = self.hooks.get(name)
@@ -175,7 +177,6 @@ class OffloadSession:
 def drop_dequant_caches(model: nn.Module) -> None:
     """The reference GEMM caches each layer's dequantized float weight; kept for every layer that
     is the float model again, so an offloaded run drops them between blocks."""
-    from ..quant.qlinear import QuantLinear
 
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -186,7 +187,6 @@ def drop_dequant_caches(model: nn.Module) -> None:
 def uncached_dequant(model: nn.Module) -> Iterator[None]:
     """Run the quantized model with each layer's dequantized weight freed right after use
     (memory: one float layer instead of the whole float model; speed: dequantize every call)."""
-    from ..quant.qlinear import QuantLinear
 
     def drop(module, _args, _output):
         module._dequant_cache = None
@@ -208,21 +208,8 @@ def _block_modules(block: Any) -> list[nn.Module]:
     return modules
 
 
-def check_offloadable(recipe: Any) -> None:
-    from ..transforms.pipeline import steps_for
-
-    whole_model = [s.name for stage in ("float", "online") for s in steps_for(recipe, stage)]
+def check_offloadable(recipe: Recipe) -> None:
+    whole_model = [step.name for step in build_steps(recipe) if step.rewrites_whole_model]
     if whole_model:
         raise ConfigError(f"recipe step(s) {', '.join(whole_model)} rewrite every weight before calibration and cannot run "
                           "on an offloaded model yet; use method rtn, gptq or smoothquant, or quantize in memory")
-
-
-def quantize_offloaded(model: nn.Module, recipe: Any, calib: Any, **kwargs: Any):
-    """`mquant.quantize` on a model opened with `load_offloaded`: only the block being calibrated
-    is materialized. Returns (report, session); call `materialize(model)` before saving."""
-    from ..api import quantize
-
-    check_offloadable(recipe)
-    session = OffloadSession(model)
-    report = quantize(model, recipe, calib, before_block=session.before_block, **kwargs)
-    return report, session

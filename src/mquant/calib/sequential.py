@@ -16,19 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Recipe, SchemeConfig
-from ..models.spec import BlockSpec, LinearGroup, ProjectorSpec
-from ..quant.modality import ModalityContext
-from ..quant.qlinear import QuantLinear
-from ..quant.weights import quantize_weight
-from ..errors import CalibrationError
-from ..report import LayerRecord
-from .capture import BlockInput, block_output
-from .checkpoint import CalibrationCheckpoint
-from .stats import GroupStats
-
-# Hooks that may edit a block between its statistics pass and quantization (SmoothQuant, RMS).
-PreQuantHook = Callable[[BlockSpec | ProjectorSpec, dict[int, GroupStats], list["LayerRecord"]], bool]
+from mquant.calib.capture import BlockInput, block_output
+from mquant.calib.checkpoint import CalibrationCheckpoint
+from mquant.calib.report import LayerRecord
+from mquant.calib.stats import GroupStats
+from mquant.config import GPTQConfig, Recipe, SchemeConfig
+from mquant.core.modality import ModalityContext
+from mquant.core.qlinear import QuantLinear, dequantize_weight
+from mquant.errors import CalibrationError
+from mquant.models.spec import BlockSpec, LinearGroup, ProjectorSpec
+from mquant.quantizers.weights import quantize_weight
+from mquant.steps.base import Step
 
 
 @dataclass
@@ -56,9 +54,11 @@ class _ErrorProbe:
 @dataclass
 class SequentialCalibrator:
     recipe: Recipe
+    # The recipe's steps: `modality_specific` decides MSQ statistics, `before_quant` may edit a
+    # block between its statistics pass and quantization (SmoothQuant, RMS).
+    steps: list[Step]
     ctx: ModalityContext
     progress: Callable[[str, int], None] | None = None
-    pre_quant_hooks: list[PreQuantHook] = field(default_factory=list)
     records: list[LayerRecord] = field(default_factory=list)
     # With a checkpoint, finished blocks are saved, and on a rerun restored instead of recalibrated.
     checkpoint: CalibrationCheckpoint | None = None
@@ -113,10 +113,11 @@ class SequentialCalibrator:
         return outs
 
     def _collect(self, block, runner: Callable[[], object], part: str) -> dict[int, GroupStats]:
-        msq = part == "language" and self.recipe.has("msq")
+        per_modality = any(step.modality_specific(part) for step in self.steps)
+        need_hessian = isinstance(self.recipe.weights, GPTQConfig)
         stats: dict[int, GroupStats] = {}
         for gi, group in enumerate(block.groups):
-            stats[gi] = GroupStats(self.recipe.observer, msq, self.recipe.weight_method == "gptq", self.ctx)
+            stats[gi] = GroupStats(self.recipe.observer, per_modality, need_hessian, self.ctx)
             group.linears[0].module.input_observer = stats[gi]
         try:
             runner()
@@ -125,21 +126,18 @@ class SequentialCalibrator:
                 group.linears[0].module.input_observer = None
         return stats
 
-    def process_block(self, block, inputs, scheme: SchemeConfig, part: str, masks) -> list[torch.Tensor | None]:
-        return self.process_with_runner(block, lambda: self._run(block.module, inputs, masks), scheme, part)
-
     def process_with_runner(self, block, runner: Callable[[], object], scheme: SchemeConfig, part: str):
         """Calibrate and quantize `block`'s groups; `runner()` executes every calibration sample
         through them (a captured block call, or whole-model forwards for a projector whose parts
         run at different places, like Qwen3-VL's DeepStack mergers)."""
         records: list[LayerRecord] = []
         stats = self._collect(block, runner, part)
-        for hook in self.pre_quant_hooks:
-            if hook(block, stats, records):  # the hook changed the block: observe again
+        for step in self.steps:
+            if step.before_quant(block, stats, records):  # the step changed the block: observe again
                 stats = self._collect(block, runner, part)
         probes: dict[QuantLinear, _ErrorProbe] = {}
         for gi, group in enumerate(block.groups):
-            if stats[gi].seen["all"] == 0:
+            if stats[gi].rows_seen == 0:
                 raise CalibrationError(f"{group.linears[0].module.name} never ran on the calibration samples; add samples with images")
             self._quantize_group(group, stats[gi], scheme, part, probes, records)
         handles = [m.register_forward_hook(p) for m, p in probes.items()]
@@ -162,8 +160,8 @@ class SequentialCalibrator:
         for ref in group.linears:
             module: QuantLinear = ref.module
             weight = module.float_weight_for_quantization()
-            codes, scale = quantize_weight(weight, scheme, self.recipe.weight_method, hessian, self.recipe.gptq)
-            deq = codes.float() * (scale if scale.shape[-1] == 1 else scale.repeat_interleave(weight.shape[1] // scale.shape[1], 1))
+            codes, scale = quantize_weight(weight, scheme, self.recipe.weights, hessian)
+            deq = dequantize_weight(codes, scale, torch.float32)
             w_err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
             probes[module] = _ErrorProbe(weight.clone(), None if module.bias is None else module.bias.detach().clone())
             module.set_quantized(codes, scale, scheme.weight_bits, scheme.act_bits, scheme.act_dynamic, act_scale)

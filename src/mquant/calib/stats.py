@@ -1,4 +1,4 @@
-"""Per-group calibration statistics: activation observers (one per modality) and GPTQ Hessians."""
+"""Per-group calibration statistics: activation observers (per modality with MSQ) and GPTQ Hessians."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..quant.gptq import HessianAccumulator
-from ..quant.observers import make_observer
-from ..quant.modality import ModalityContext
-from ..quant.quantizer import QuantSpec
+from mquant.core.actquant import ACT_BITS
+from mquant.core.modality import ModalityContext
+from mquant.errors import CalibrationError
+from mquant.quantizers.gptq import HessianAccumulator
+from mquant.quantizers.observers import make_observer
+from mquant.quantizers.quantizer import QuantSpec
+from mquant.steps.msq import ModalitySplit
 
-ACT_SPEC = QuantSpec(bits=8, symmetric=True, granularity="tensor")
+ACT_SPEC = QuantSpec(bits=ACT_BITS, symmetric=True, granularity="tensor")
 
 
 @dataclass
@@ -24,48 +27,39 @@ class GroupStats:
     ctx: ModalityContext | None = None
     hessian: HessianAccumulator | None = None
     absmax_channel: torch.Tensor | None = None  # per input channel, for SmoothQuant / outlier ratios
-    observers: dict[str, object] = field(default_factory=dict)
+    observer: object = None
+    modality: ModalitySplit | None = None  # MSQ's text / visual observers
+    rows_seen: int = field(default=0)
 
     def __post_init__(self) -> None:
-        self.observers = {"all": make_observer(self.observer_name)}
+        self.observer = make_observer(self.observer_name)
         if self.modality_specific:
-            self.observers["text"] = make_observer(self.observer_name)
-            self.observers["visual"] = make_observer(self.observer_name)
-        self.seen = {"all": 0, "text": 0, "visual": 0}
+            self.modality = ModalitySplit(self.observer_name)
 
     def __call__(self, x: torch.Tensor) -> None:
         x = x.detach()
         flat = x.reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(flat).all():
-            from ..errors import CalibrationError
-
             raise CalibrationError("NaN/Inf in activations during calibration; check the model dtype (use float32) and the calibration inputs")
-        self.observers["all"].observe(flat)
-        self.seen["all"] += flat.shape[0]
+        self.observer.observe(flat)
+        self.rows_seen += flat.shape[0]
         channel_max = flat.abs().amax(dim=0)
         self.absmax_channel = channel_max if self.absmax_channel is None else torch.maximum(self.absmax_channel, channel_max)
         if self.need_hessian:
             if self.hessian is None:
                 self.hessian = HessianAccumulator(flat.shape[-1])
             self.hessian.add(flat)
-        if self.modality_specific:
+        if self.modality is not None:
             mask = self.ctx.row_modality(x.shape[:-1]) if self.ctx is not None else None
             visual = mask.reshape(-1) if mask is not None else torch.zeros(flat.shape[0], dtype=torch.bool)
-            if visual.any():
-                self.observers["visual"].observe(flat[visual])
-                self.seen["visual"] += int(visual.sum())
-            if (~visual).any():
-                self.observers["text"].observe(flat[~visual])
-                self.seen["text"] += int((~visual).sum())
+            self.modality.observe(flat, visual)
 
     def act_scale(self) -> torch.Tensor:
-        """[text, visual] static scales; a modality with no rows falls back to the joint scale."""
-        joint = self.observers["all"].qparams(ACT_SPEC)[0].reshape(())
-        if not self.modality_specific:
+        """[text, visual] static scales (the joint scale twice without MSQ)."""
+        joint = self.observer.qparams(ACT_SPEC)[0].reshape(())
+        if self.modality is None:
             return torch.stack([joint, joint])
-        text = self.observers["text"].qparams(ACT_SPEC)[0].reshape(()) if self.seen["text"] else joint
-        visual = self.observers["visual"].qparams(ACT_SPEC)[0].reshape(()) if self.seen["visual"] else joint
-        return torch.stack([text, visual])
+        return self.modality.scales(ACT_SPEC, joint)
 
     def outlier_ratio(self) -> float:
         """max channel |x| / median channel |x|: how much one channel dominates the tensor."""

@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..calib.data import open_image
+from mquant.calib.data import open_image
 
 
 def encode_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> dict:

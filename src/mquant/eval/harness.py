@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..models.loading import LoadedModel, load_any, load_float_model
+from mquant.errors import InputError
+from mquant.demo.easyvqa import load_split
+from mquant.eval.easyvqa import easyvqa_accuracy_of
+from mquant.io.loading import LoadedModel, load_any, load_float_model
 
 TASKS = ("easy-vqa", "fidelity", "perplexity", "textvqa", "docvqa", "ocrbench", "mme")
 FIDELITY_DEFAULT_N = 256
@@ -30,29 +32,26 @@ def _easyvqa_answers(loaded: LoadedModel, items, batch_size: int) -> tuple[list[
     other processors go through `generate` one prompt per row."""
     paths, questions = [i.image_path for i in items], [i.question for i in items]
     if hasattr(loaded.processor, "encode_prompt"):
-        from .shared_prefix import answer_by_image
+        from mquant.eval.shared_prefix import answer_by_image
 
         return answer_by_image(loaded.model, loaded.processor, paths, questions, max_new_tokens=3,
                                images_per_batch=max(1, batch_size // 4))
-    from .generation import generate_texts
+    from mquant.eval.generation import generate_texts
 
     return generate_texts(loaded.model, loaded.processor, paths, questions, max_new_tokens=3, batch_size=batch_size), None
 
 
 def easyvqa_accuracy(loaded: LoadedModel, limit: int | None, batch_size: int, progress=None) -> dict[str, Any]:
-    from ..default_model.easyvqa import first_word, load_split
-
     items = load_split("test")[: limit or None]
     replies, _ = _easyvqa_answers(loaded, items, batch_size)
-    hits = sum(first_word(r) == i.answer.lower() for r, i in zip(replies, items))
-    return {"n": len(items), "accuracy": hits / len(items), "split": "test"}
+    return {"n": len(items), "accuracy": easyvqa_accuracy_of(replies, items), "split": "test"}
 
 
 def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
     """KL(P_float || P_quant) and top-1 agreement of the next-token distribution at the answer
     position of held-out easy-VQA *test* prompts (calibration used the train split)."""
-    from ..default_model.easyvqa import load_split
-    from .fidelity import next_token_fidelity
+    from mquant.demo.easyvqa import load_split
+    from mquant.eval.fidelity import next_token_fidelity
 
     ref = load_float_model(reference)
     items = load_split("test")[: limit or FIDELITY_DEFAULT_N]
@@ -65,7 +64,7 @@ def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batc
 
 
 def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any]:
-    from .perplexity import perplexity
+    from mquant.eval.perplexity import perplexity
 
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     windows = limit or 8
@@ -74,8 +73,8 @@ def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any
 
 
 def local_benchmark(loaded: LoadedModel, task: str, data: Path | None, limit: int | None, batch_size: int) -> dict[str, Any]:
-    from . import benchmarks_local as bl
-    from .generation import generate_texts
+    from mquant.eval import benchmarks_local as bl
+    from mquant.eval.generation import generate_texts
 
     if data is None:
         raise InputError(f"task {task} needs local data: pass --data PATH (the benchmark's JSON/TSV or folder)")
@@ -97,7 +96,7 @@ def run_eval(model_source: str | None, task: str, *, limit: int | None = None, d
         raise InputError(f"--limit must be at least 1, got {limit}")
     loaded = load_any(model_source)
     if loaded.quantized and kernels:  # score the model as it is served: on the integer kernels
-        from ..kernels.attach import attach_kernels
+        from mquant.kernels.attach import attach_kernels
 
         attach_kernels(loaded.model)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..calib.data import open_image
+from mquant.calib.data import open_image
 
 _AIFS_ORDER = "_mquant_aifs_order"  # set by transforms.aifs on a cache it filled in switched order
 

@@ -8,11 +8,11 @@ per-token activation quantization, all int-exact against `reference.reference_li
                                       # MQuant's online Hadamard + RMS split fused (native backend)
 """
 
-from .common import (InputPrologue, PreparedWeight, available_backends, input_prologue, linear_dynamic,
+from mquant.kernels.common import (InputPrologue, PreparedWeight, available_backends, input_prologue, linear_dynamic,
                      linear_static, prepare_weight, select_backend)
-from .packing import pack_int4, unpack_int4
-from .reference import reference_linear, reference_linear_float
-from .w4a8 import native_isa
+from mquant.kernels.packing import pack_int4, unpack_int4
+from mquant.kernels.reference import reference_linear, reference_linear_float
+from mquant.kernels.w4a8 import native_isa
 
 __all__ = ["InputPrologue", "input_prologue", "PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",
            "prepare_weight", "reference_linear", "reference_linear_float", "select_backend", "unpack_int4"]

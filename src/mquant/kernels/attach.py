@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..quant.modality import TEXT
-from ..quant.qlinear import QuantLinear
-from ..quant.quantizer import pack_int4
-from ..quant.swap import quant_linears
-from .common import InputPrologue, PreparedWeight, input_prologue, linear_dynamic, linear_static, prepare_weight
+from mquant.core.modality import TEXT, modality_row_scales
+from mquant.core.qlinear import QuantLinear
+from mquant.quantizers.quantizer import pack_int4
+from mquant.core.swap import quant_linears
+from mquant.kernels.common import InputPrologue, PreparedWeight, input_prologue, linear_dynamic, linear_static, prepare_weight
 
 
 @dataclass
@@ -43,11 +43,8 @@ class KernelRunner:
     def _static_scale(module: QuantLinear, x: torch.Tensor) -> torch.Tensor | float:
         """The text scale as a float (per-tensor kernel path), or the [rows] MSQ scales: same
         values as QuantLinear.act_scale_rows, gathered with one index op."""
-        scales = module.act_scale
-        index = module.modality_ctx.row_index(x.shape[:-1]) if module.modality_ctx is not None else None
-        if index is None:
-            return float(scales[TEXT])
-        return scales.float().index_select(0, index)
+        rows = modality_row_scales(module.act_scale, module.modality_ctx, x.shape[:-1])
+        return float(module.act_scale[TEXT]) if rows is None else rows
 
     @property
     def nbytes(self) -> int:

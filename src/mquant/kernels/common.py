@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..errors import ConfigError, InputError
-from . import _native
-from .packing import as_codes
-from .reference import StaticScale, row_scales, weight_groups
+from mquant.errors import ConfigError, InputError
+from mquant.kernels import _native
+from mquant.kernels.packing import as_codes
+from mquant.kernels.reference import StaticScale, row_scales, weight_groups
 
 # Activation scale handed to a backend: a Python float (static per tensor), a float32 [M] tensor
 # (static per row) or None (dynamic per row, computed by the backend at run time).
@@ -77,7 +77,7 @@ def register(backend: Backend) -> None:
 
 
 def _ensure_registered() -> None:
-    from . import int8_cpu, w4a8  # noqa: F401  (import registers the backends)
+    from mquant.kernels import int8_cpu, w4a8  # noqa: F401  (import registers the backends)
 
 
 def available_backends(bits: int = 8, per_group: bool = False) -> list[str]:
@@ -158,7 +158,7 @@ def input_prologue(k_in: int, online_hadamard: bool, rms_w0: torch.Tensor | None
         return None
     hadamard = None
     if online_hadamard:
-        from ..transforms.hadamard import base_hadamard, hadamard_decompose
+        from mquant.core.hadamard import base_hadamard, hadamard_decompose
 
         P, m = hadamard_decompose(k_in)
         hadamard = (P, m, base_hadamard(m).to(torch.float32).contiguous())

@@ -22,10 +22,10 @@ from typing import Any, Optional
 
 import torch
 
-from . import _native
-from .common import (Backend, PreparedWeight, Rank1, ScaleArg, available_backends, linear_dynamic,
+from mquant.kernels import _native
+from mquant.kernels.common import (Backend, PreparedWeight, Rank1, ScaleArg, available_backends, linear_dynamic,
                      linear_static, prepare_weight, register, select_backend)
-from .reference import ACT_QMAX, ACT_QMIN, dynamic_row_scales
+from mquant.core.actquant import dynamic_row_scales, quantize_codes
 
 __all__ = ["prepare_weight", "linear_static", "linear_dynamic", "select_backend", "available_backends",
            "PreparedWeight", "quantize_activation"]
@@ -39,7 +39,7 @@ def quantize_activation(x: torch.Tensor, scale: ScaleArg, uint8: bool = False) -
     if lib is None:
         scales = dynamic_row_scales(x) if scale is None else (
             torch.full((rows,), scale, dtype=torch.float32) if isinstance(scale, float) else scale)
-        q = torch.round(x / scales.reshape(-1, 1)).clamp_(ACT_QMIN, ACT_QMAX)
+        q = quantize_codes(x, scales.reshape(-1, 1))
         return (q.add_(128).to(torch.uint8) if uint8 else q.to(torch.int8)), scales
     codes = torch.empty(rows, k_in, dtype=torch.uint8 if uint8 else torch.int8)
     out_scales = torch.empty(rows, dtype=torch.float32)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quant.quantizer import pack_int4 as _pack_int4
-from ..quant.quantizer import unpack_int4 as _unpack_int4
+from mquant.quantizers.quantizer import pack_int4 as _pack_int4
+from mquant.quantizers.quantizer import unpack_int4 as _unpack_int4
 
-from ..errors import ConfigError
+from mquant.errors import ConfigError
 
 COLS = 16  # output columns per block = int32 lanes of a ZMM register
 INT4_MIN, INT4_MAX = -8, 7
@@ -34,7 +34,7 @@ def check_codes(codes: torch.Tensor, bits: int) -> None:
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] in [-8, 7] -> uint8 [N, K/2] (low nibble = even column); the storage
-    format of `mquant.quant.quantizer.pack_int4`, which this validates and reuses."""
+    format of `mquant.quantizers.quantizer.pack_int4`, which this validates and reuses."""
     check_codes(codes, 4)
     return _pack_int4(codes).contiguous()
 

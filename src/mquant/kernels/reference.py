@@ -19,10 +19,9 @@ from typing import Sequence, Union
 
 import torch
 
-from ..errors import ConfigError, InputError
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.errors import ConfigError, InputError
 
-ACT_QMIN, ACT_QMAX = -128, 127
-DYNAMIC_SCALE_EPS = 1e-8  # same floor as mquant.quant.qlinear.dynamic_token_scale
 
 RowBlocks = Sequence[tuple[int, int, float]]
 StaticScale = Union[float, torch.Tensor, RowBlocks]
@@ -52,17 +51,6 @@ def _scales_from_blocks(blocks: RowBlocks, rows: int) -> torch.Tensor:
     if cursor != rows:
         raise InputError(f"row_blocks cover {cursor} rows but the activation has {rows}; cover every row exactly once")
     return out
-
-
-def dynamic_row_scales(x: torch.Tensor) -> torch.Tensor:
-    """Per-row scale computed at run time (the dynamic per-token baseline), float32 [M]."""
-    return (x.float().abs().amax(dim=-1) / ACT_QMAX).clamp_min(DYNAMIC_SCALE_EPS)
-
-
-def quantize_rows(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes of x [M, K] with one float32 scale per row [M]."""
-    q = torch.round(x.float() / scales.to(torch.float32).reshape(-1, 1))
-    return q.clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
 
 
 def weight_groups(w_scale: torch.Tensor, n_out: int, k_in: int) -> tuple[torch.Tensor, int]:

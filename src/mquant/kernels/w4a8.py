@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ConfigError, ResourceError
-from . import _native
-from .common import Backend, InputPrologue, PreparedWeight, Rank1, ScaleArg, register
-from .packing import native_layout, native_scales, pack_native
-from .reference import dynamic_row_scales, quantize_rows
+from mquant.errors import ConfigError, ResourceError
+from mquant.kernels import _native
+from mquant.kernels.common import Backend, InputPrologue, PreparedWeight, Rank1, ScaleArg, register
+from mquant.kernels.packing import native_layout, native_scales, pack_native
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
 
 _MQ_ERRORS = {-1: "the requested ISA level is not supported by this CPU",
               -2: "invalid shapes for the native kernel", -3: "out of memory for activation buffers"}
@@ -153,6 +153,6 @@ def native_isa() -> str:
 
 def prepare_w4(weight: torch.Tensor, w_scale: torch.Tensor, backend: str | None = None) -> PreparedWeight:
     """`prepare_weight` for 4-bit weights: int8 codes in [-8, 7] or packed uint8 [N, K/2]."""
-    from .common import prepare_weight
+    from mquant.kernels.common import prepare_weight
 
     return prepare_weight(weight, w_scale, backend, bits=4)

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .spec import BlockSpec, LinearRef, ModelSpec, NormRef, TowerSpec
+from mquant.errors import UnsupportedModelError
+from mquant.models.spec import BlockSpec, LinearRef, ModelSpec, NormRef, TowerSpec
 
 
 class ModelAdapter(ABC):
@@ -49,9 +49,7 @@ class ModelAdapter(ABC):
 
 
 def _check_linear(ref: LinearRef, where: str) -> None:
-    from ..quant.qlinear import QuantLinear
-
-    if not isinstance(ref.module, (nn.Linear, QuantLinear)):
+    if not isinstance(ref.module, nn.Linear):  # QuantLinear subclasses nn.Linear
         raise UnsupportedModelError(f"{where}: {ref.name} is {type(ref.module).__name__}, expected Linear")
 
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
-from .qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
-from .registry import register
-from .spec import ModelSpec, ProjectorSpec, TowerSpec
+from mquant.models.base import ModelAdapter
+from mquant.models.qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
+from mquant.models.registry import register
+from mquant.models.spec import ModelSpec, ProjectorSpec, TowerSpec
 
 
 class Glm4vAdapter(ModelAdapter):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
-from .llava import decoder_tower_spec, linear_writers
-from .registry import register
-from .spec import LinearGroup, ModelSpec, ProjectorSpec
-from .vision_towers import ModuleNames, describe_vision_tower, vision_tower_spec
+from mquant.models.base import ModelAdapter
+from mquant.models.llava import decoder_tower_spec, linear_writers
+from mquant.models.registry import register
+from mquant.models.spec import LinearGroup, ModelSpec, ProjectorSpec
+from mquant.models.vision_towers import ModuleNames, describe_vision_tower, vision_tower_spec
 
 
 @register

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ModelAdapter
-from .registry import register
-from .spec import BlockSpec, LinearGroup, ModelSpec, ProjectorSpec, ResidualParam, TowerSpec
-from .vision_towers import (ModuleNames, attention_block, describe_vision_tower, resolve_feature_layers,
+from mquant.models.base import ModelAdapter
+from mquant.models.registry import register
+from mquant.models.spec import BlockSpec, LinearGroup, ModelSpec, ProjectorSpec, ResidualParam, TowerSpec
+from mquant.models.vision_towers import (ModuleNames, attention_block, describe_vision_tower, resolve_feature_layers,
                             vision_tower_spec)
 
 

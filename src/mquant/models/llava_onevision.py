@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .llava import LlavaAdapter
-from .registry import register
-from .vision_towers import ModuleNames
+from mquant.models.llava import LlavaAdapter
+from mquant.models.registry import register
+from mquant.models.vision_towers import ModuleNames
 
 
 @register

@@ -28,10 +28,10 @@ from typing import Iterable
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .base import ModelAdapter
-from .registry import register
-from .spec import (
+from mquant.errors import UnsupportedModelError
+from mquant.models.base import ModelAdapter
+from mquant.models.registry import register
+from mquant.models.spec import (
     AttentionRef,
     BlockSpec,
     LinearGroup,

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .base import ModelAdapter
-from .qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
-from .registry import register
-from .spec import LinearGroup, ModelSpec, NormRef, ProjectorSpec, TowerSpec
+from mquant.errors import UnsupportedModelError
+from mquant.models.base import ModelAdapter
+from mquant.models.qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
+from mquant.models.registry import register
+from mquant.models.spec import LinearGroup, ModelSpec, NormRef, ProjectorSpec, TowerSpec
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .base import ModelAdapter
+from mquant.errors import UnsupportedModelError
+from mquant.models.base import ModelAdapter
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from .spec import (AttentionRef, BlockSpec, LayerScaleRef, LinearGroup, LinearRef, NormRef,
+from mquant.errors import UnsupportedModelError
+from mquant.models.spec import (AttentionRef, BlockSpec, LayerScaleRef, LinearGroup, LinearRef, NormRef,
                    ResidualParam, TowerSpec)
 
 

@@ -13,7 +13,12 @@ from importlib.util import find_spec
 import torch
 from torch import nn
 
-from .tiny import TINY_FAMILIES
+from mquant.config import Recipe, recipe_for
+from mquant.core.state import QuantState
+from mquant.models.registry import get_adapter
+from mquant.steps import build_steps
+from mquant.steps.runner import prepare_model
+from mquant.testing.tiny import TINY_FAMILIES
 
 # Every tiny family (plus the variants registered by another family's tiny module).
 EQUIVALENCE_FAMILIES: tuple[str, ...] = TINY_FAMILIES + ("llava_dinov2", "smolvlm")
@@ -57,26 +62,13 @@ def assert_logits_equivalent(model_before: nn.Module, model_after: nn.Module, ba
     return diff
 
 
-def apply_transforms(model: nn.Module, *steps: str, recipe=None) -> dict:
-    """Run the named float and online recipe steps on `model` the way `quantize` does (float steps
-    on nn.Linear weights, then `wrap_linears`, then online steps) and return their infos.
-    Pre-quantization hooks ("rms") need calibration statistics and are not run here."""
-    from ..config import recipe_for
-    from ..models.registry import get_adapter
-    from ..quant.swap import wrap_linears
-    from ..transforms.pipeline import steps_for
-
+def apply_transforms(model: nn.Module, *steps: str, recipe: Recipe | None = None) -> dict:
+    """Run the named steps' `prepare` and `configure` hooks on `model` exactly as `quantize` does
+    (the same `prepare_model`; linears are wrapped only when a step configures QuantLinears) and
+    return their infos. `before_quant` hooks ("rms") need calibration statistics and do not run."""
     recipe = (recipe or recipe_for("mquant", "w4a8")).with_steps(*steps)
+    step_objects = build_steps(recipe)
     adapter = get_adapter(model)
-    spec = adapter.validate(model)
-    infos: dict = {}
-    for step in steps_for(recipe, "float"):
-        infos[step.name] = step.run(model, adapter, spec, recipe)
-        spec = adapter.validate(model)
-    online = steps_for(recipe, "online")
-    if online:
-        wrap_linears(model, spec)
-        spec = adapter.validate(model)
-    for step in online:
-        infos[step.name] = step.run(model, adapter, spec, recipe)
+    wrap = any(step.overrides("configure") for step in step_objects)
+    _, infos = prepare_model(model, adapter, adapter.validate(model), step_objects, QuantState.ensure(model), wrap=wrap)
     return infos

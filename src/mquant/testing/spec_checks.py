@@ -26,8 +26,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..models.base import ModelAdapter
-from ..models.spec import BlockSpec, LinearRef, ModelSpec, NormRef, TowerSpec
+from mquant.models.base import ModelAdapter
+from mquant.models.spec import BlockSpec, LinearRef, ModelSpec, NormRef, TowerSpec
 
 
 class _Recorder:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-from . import TinyCase, register_tiny
-from .qwen2_vl import BOS_ID, EOS_ID, PAD_ID, TEXT_HIDDEN, VOCAB, MropeLayout, build_mrope_batch, finish_tiny
+from mquant.testing.tiny import TinyCase, register_tiny
+from mquant.testing.tiny.qwen2_vl import BOS_ID, EOS_ID, PAD_ID, TEXT_HIDDEN, VOCAB, MropeLayout, build_mrope_batch, finish_tiny
 
 IMAGE_ID, VIDEO_ID, IMAGE_START, IMAGE_END, VIDEO_START, VIDEO_END = 250, 251, 246, 247, 248, 249
 GLM_LAYOUT = MropeLayout(IMAGE_ID, IMAGE_START, IMAGE_END, patch_dim=3 * 2 * 4 * 4, merge=2)

@@ -12,8 +12,8 @@ import torch
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, SmolVLMConfig,
                           SmolVLMForConditionalGeneration, SmolVLMVisionConfig)
 
-from . import TinyCase, register_tiny
-from .llava import image_text_batch, model_dtype, perturb_affines, set_attention, tiny_llama
+from mquant.testing.tiny import TinyCase, register_tiny
+from mquant.testing.tiny.llava import image_text_batch, model_dtype, perturb_affines, set_attention, tiny_llama
 
 IMAGE_ID, FAKE_ID, GLOBAL_ID = 255, 254, 253
 IMAGE_SIZE, PATCH, SCALE = 48, 8, 2

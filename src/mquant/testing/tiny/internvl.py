@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
-from . import TinyCase, register_tiny
-from .llava import PAD_ID, VOCAB, image_text_batch, model_dtype, perturb_affines, set_attention
+from mquant.testing.tiny import TinyCase, register_tiny
+from mquant.testing.tiny.llava import PAD_ID, VOCAB, image_text_batch, model_dtype, perturb_affines, set_attention
 
 IMAGE_ID, START_ID, END_ID = 255, 254, 253
 IMAGE_SIZE, PATCH = 32, 4

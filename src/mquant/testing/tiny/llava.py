@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from . import TinyCase, register_tiny
+from mquant.testing.tiny import TinyCase, register_tiny
 
 VOCAB = 256
 PAD_ID = 0

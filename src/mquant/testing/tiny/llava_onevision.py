@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-from . import TinyCase, register_tiny
-from .llava import PAD_ID, VOCAB, image_text_batch, model_dtype, perturb_affines, set_attention
+from mquant.testing.tiny import TinyCase, register_tiny
+from mquant.testing.tiny.llava import PAD_ID, VOCAB, image_text_batch, model_dtype, perturb_affines, set_attention
 
 IMAGE_ID, VIDEO_ID = 255, 254
 IMAGE_SIZE, PATCH = 32, 8

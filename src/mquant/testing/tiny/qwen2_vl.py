@@ -20,7 +20,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from . import TinyCase, register_tiny
+from mquant.testing.tiny import TinyCase, register_tiny
 
 VOCAB = 256
 PAD_ID = 0

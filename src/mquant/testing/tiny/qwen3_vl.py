@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from . import TinyCase, register_tiny
-from .qwen2_vl import (
+from mquant.testing.tiny import TinyCase, register_tiny
+from mquant.testing.tiny.qwen2_vl import (
     END_ID, IMAGE_ID, QWEN_LAYOUT, START_ID, TEXT_HIDDEN, VIDEO_ID, build_mrope_batch, finish_tiny, text_config,
 )  # fmt: skip
 

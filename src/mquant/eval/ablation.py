@@ -1,0 +1,166 @@
+"""Float-vs-quantized comparisons on the default model: `mquant demo` and `mquant ablate`.
+
+Every variant is quantized from a fresh copy of the same float model with the same calibration
+samples (easy-VQA *train* split) and scored on the same easy-VQA *test* questions, with KL against
+the float model's next-token distributions on those questions.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from mquant.api import quantize
+from mquant.kernels.attach import attach_kernels
+from mquant.calib.data import build_calibration_inputs
+from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
+from mquant.io.loading import LoadedModel, load_float_model
+
+
+@dataclass
+class VariantResult:
+    name: str
+    scheme: str
+    accuracy: float
+    kl: float | None
+    top1_agreement: float | None
+    weight_bytes: int
+    quantize_seconds: float
+    eval_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all weights as they would be stored: int4 codes count half a byte each."""
+    from mquant.core.qlinear import QuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.quantized:
+            codes = module.qweight.numel() * (0.5 if module.weight_bits == 4 else 1)
+            total += int(codes) + module.w_scale.numel() * 4 + (0 if module.bias is None else module.bias.numel() * 4)
+        elif not list(module.children()):
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
+
+
+class Evaluator:
+    """Holds the test questions and the float model's answer-token logits; scores any variant.
+
+    Accuracy: exact match of the first generated word. Fidelity: KL(P_float || P_variant) and top-1
+    agreement of the next-token distribution at the answer position, on the same questions."""
+
+    def __init__(self, loaded: LoadedModel, limit: int | None, batch_size: int = 8):
+        from mquant.demo.easyvqa import load_split
+
+        self.items = load_split("test")[: limit or None]
+        self.processor = loaded.processor
+        self.images_per_batch = batch_size
+        self.ref_accuracy, self.ref_logits = self._answer(loaded.model)
+
+    def _answer(self, model) -> tuple[float, torch.Tensor]:
+        replies, logits = answer_items(model, self.processor, self.items, batch_size=4 * self.images_per_batch)
+        return easyvqa_accuracy_of(replies, self.items), logits
+
+    def score(self, name: str, scheme: str, model, quantize_seconds: float) -> VariantResult:
+        from mquant.eval.fidelity import next_token_fidelity
+
+        start = time.perf_counter()
+        if model is None:
+            accuracy, kl, agree, model_bytes = self.ref_accuracy, 0.0, 1.0, 0
+        else:
+            accuracy, logits = self._answer(model)
+            fid = next_token_fidelity(self.ref_logits, logits)
+            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], weight_bytes(model)
+        return VariantResult(name, scheme, accuracy, kl, agree, model_bytes, quantize_seconds, time.perf_counter() - start)
+
+
+def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
+    """Baselines (all static except QuaRot, dynamic per-token as in its paper), then MQuant's
+    components added one at a time on top of static per-tensor GPTQ."""
+    base = recipe_for("gptq", scheme)
+    rows = [(m, recipe_for(m, scheme)) for m in ("rtn", "smoothquant", "gptq", "quarot")]
+    # The ablation starts from the `gptq` row (GPTQ weights, static per-tensor activations).
+    stages = [("+msq", ("msq",)), ("+aifs", ("msq", "aifs")),
+              ("+ln_to_rms+rotation", ("msq", "aifs", "ln_to_rms", "rotate", "online_hadamard"))]
+    for name, steps in stages:
+        rows.append((name, replace(base, method="mquant", steps=steps)))
+    rows.append(("mquant", replace(recipe_for("mquant", scheme), steps=MQUANT_STEPS)))
+    return rows
+
+
+def baseline_recipes(scheme: str) -> list[tuple[str, Recipe]]:
+    """RTN and GPTQ with static per-tensor and dynamic per-token activations."""
+    return [(m + ("-dynamic" if act == "dynamic" else ""), recipe_for(m, scheme, act)) for m in ("rtn", "gptq") for act in ("static", "dynamic")]
+
+
+def recipes_for_rows(rows: str, scheme: str) -> list[tuple[str, Recipe]]:
+    """The recipe rows `mquant ablate --rows` names: ablation, baselines, table (baselines + MQuant) or all."""
+    from mquant.errors import ConfigError
+
+    baselines = baseline_recipes(scheme)
+    mquant_row = [r for r in ablation_recipes(scheme) if r[0] == "mquant"]
+    extra = [r for r in ablation_recipes(scheme) if r[0] not in {n for n, _ in baselines}]
+    choices = {"ablation": ablation_recipes(scheme), "baselines": baselines, "table": baselines + mquant_row, "all": baselines + extra}
+    if rows not in choices:
+        raise ConfigError(f"--rows must be one of {', '.join(choices)}, got '{rows}'")
+    return choices[rows]
+
+
+def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: int, model_source: str | None = None,
+                 log: Callable[[str], None] = print, save_path: str | None = None) -> list[VariantResult]:
+    """Quantize and score each recipe on the same questions; with `save_path`, the JSON of all rows
+    so far is rewritten after every variant (a long run that is cut off keeps what it measured)."""
+    loaded = load_float_model(model_source)
+    start = time.perf_counter()
+    evaluator = Evaluator(loaded, limit)
+    samples = build_calibration_inputs(CalibConfig(n_samples=n_calib), loaded.processor, loaded.model)
+    results = [evaluator.score("float", "fp32", None, 0.0)]
+    results[0].weight_bytes = weight_bytes(loaded.model)
+    results[0].eval_seconds = time.perf_counter() - start
+    log(_line(results[0]))
+    _save_rows(save_path, results, limit, n_calib)
+    for name, recipe in recipes:
+        model = copy.deepcopy(loaded.model)
+        start = time.perf_counter()
+        quantize(model, recipe, samples)
+        attach_kernels(model)  # scored as served: integer kernels (equal to the reference path up to float rounding)
+        results.append(evaluator.score(name, recipe.language.name + ("-dyn" if recipe.language.act_dynamic else ""), model,
+                                       time.perf_counter() - start))
+        log(_line(results[-1]))
+        _save_rows(save_path, results, limit, n_calib)
+        del model
+    return results
+
+
+def _save_rows(path: str | None, results: list[VariantResult], limit: int | None, n_calib: int) -> None:
+    if path is None:
+        return
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    payload = {"limit": limit, "n_calib": n_calib, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in results]}
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def _line(r: VariantResult) -> str:
+    kl = "" if r.kl is None else f" kl={r.kl:.4f} top1={r.top1_agreement:.3f}"
+    return f"{r.name:24s} {r.scheme:10s} acc={r.accuracy:.4f}{kl} weights={r.weight_bytes / 2**20:.1f} MiB"
+
+
+def markdown_table(results: list[VariantResult]) -> str:
+    lines = ["| variant | scheme | easy-VQA acc | KL vs float | top-1 agree | weights (MiB) | quantize (s) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        kl = "–" if r.kl is None else f"{r.kl:.4f}"
+        agree = "–" if r.top1_agreement is None else f"{r.top1_agreement:.3f}"
+        lines.append(f"| {r.name} | {r.scheme} | {100 * r.accuracy:.2f}% | {kl} | {agree} | {r.weight_bytes / 2**20:.1f} | {r.quantize_seconds:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""`mquant bench`: end-to-end latency and memory of float, dynamic per-token and static variants of
+one model, all measured in this process on the same inputs, reported with ratios.
+
+Variants: fp32, bf16, w8a8-dynamic and w8a8-static (RTN, no transforms: the same integer kernels,
+only the activation scales differ), w4a8-static (the MQuant recipe: rotation, online Hadamard, RMS,
+MSQ and AIFS, so its run-time overheads are included), w4a8-static-noaifs (the same without AIFS)
+and w4a8-dynamic. Weights are RTN-quantized
+here: the weight algorithm does not change speed, and GPTQ would only lengthen the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from mquant.api import quantize
+from mquant.config import Recipe, RTNConfig, recipe_for
+from mquant.kernels.attach import attach_kernels, kernel_weight_bytes
+
+# w4a8-static-noaifs: MQuant without the AIFS token reordering. AIFS exists so a GPU kernel can run
+# one GEMM slice per modality; our CPU kernels take the MSQ scale per row, so on CPU the reordering
+# (and the explicit attention mask it needs) is pure cost, while the quantized maths is unchanged.
+VARIANTS = ("fp32", "bf16", "w8a8-dynamic", "w8a8-static", "w4a8-static", "w4a8-static-noaifs", "w4a8-dynamic")
+
+
+class RssPeak:
+    """Samples the process RSS every millisecond in a thread; `peak - start` is what a run added."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __enter__(self) -> "RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def variant_recipe(name: str) -> Recipe | None:
+    if name in ("fp32", "bf16"):
+        return None
+    scheme, act = name.split("-")[:2]
+    if name.startswith("w4a8-static"):
+        mquant = replace(recipe_for("mquant", "w4a8"), weights=RTNConfig())
+        return mquant if name == "w4a8-static" else mquant.without("aifs")
+    return recipe_for("rtn", scheme, act)
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: packs caches, first-call allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class BenchRow:
+    variant: str
+    prefill_ms: float
+    decode_tokens_per_s: float
+    weight_bytes: int
+    peak_bytes: int
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _float_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prepare_variant(name: str, float_model: torch.nn.Module, calib: list[dict], backend: str | None) -> tuple[torch.nn.Module, int]:
+    model = copy.deepcopy(float_model)
+    if name == "fp32":
+        return model, _float_bytes(model)
+    if name == "bf16":
+        model = model.to(torch.bfloat16)
+        return model, _float_bytes(model)
+    quantize(model, variant_recipe(name), calib)
+    attach_kernels(model, backend=backend, free_reference=True)
+    return model, kernel_weight_bytes(model)
+
+
+def measure(model: torch.nn.Module, batch: dict, new_tokens: int, repeats: int) -> tuple[float, float, int]:
+    """(prefill seconds, decode tokens/s, bytes the run added to the process)."""
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+    with torch.no_grad(), RssPeak() as rss:
+        prefill = _median_seconds(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
+        generate = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                          do_sample=False), max(1, repeats // 2))
+    decode = max(generate - prefill, 1e-9)
+    return prefill, (new_tokens - 1) / decode, rss.peak - rss.start
+
+
+def run_bench(float_model: torch.nn.Module, batch: dict, calib: list[dict], variants=VARIANTS, new_tokens: int = 16,
+              repeats: int = 5, backend: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    rows = []
+    for name in variants:
+        model, weight = prepare_variant(name, float_model, calib, backend)
+        prefill, decode, added = measure(model, batch, new_tokens, repeats)
+        rows.append(BenchRow(name, prefill * 1e3, decode, weight, weight + added,
+                             "torch" if name in ("fp32", "bf16") else (backend or "auto")))
+        log(f"{name:14s} prefill {prefill * 1e3:8.1f} ms  decode {decode:7.1f} tok/s  weights {weight / 2**20:7.1f} MiB")
+        del model
+    by = {r.variant: r for r in rows}
+    ratios = {}
+    for a, b in (("w8a8-static", "bf16"), ("w8a8-static", "fp32"), ("w8a8-static", "w8a8-dynamic"), ("w4a8-static", "bf16"),
+                 ("w4a8-static", "w4a8-dynamic"), ("w4a8-static", "w8a8-static"), ("w4a8-static-noaifs", "bf16"),
+                 ("w4a8-static-noaifs", "w4a8-dynamic")):
+        if a in by and b in by:
+            ratios[f"prefill_speedup_{a}_vs_{b}"] = by[b].prefill_ms / by[a].prefill_ms
+            ratios[f"decode_speedup_{a}_vs_{b}"] = by[a].decode_tokens_per_s / by[b].decode_tokens_per_s
+            ratios[f"weight_bytes_{a}_over_{b}"] = by[a].weight_bytes / by[b].weight_bytes
+    return {"rows": [r.to_dict() for r in rows], "ratios": ratios, "threads": torch.get_num_threads()}
+
+
+def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: int) -> dict:
+    """One prompt with ceil(visual_tokens / 64) easy-VQA images and a question padded to about
+    `text_tokens` text tokens: visual tokens dominate prefill, as in real VLM workloads."""
+    from mquant.calib.data import open_image
+    from mquant.demo.easyvqa import load_split
+    from mquant.demo.processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS
+
+    n_images = max(1, -(-visual_tokens // NUM_IMAGE_TOKENS))
+    items = load_split("test")[: n_images * 12 : 12]
+    words = " ".join(["Describe the shape, its colour and its position."] * max(1, text_tokens // 10))
+    prompt = f"<|im_start|>user\n" + "".join(f"{IMAGE_TOKEN * NUM_IMAGE_TOKENS}\n" for _ in items) + f"{words}<|im_end|>\n<|im_start|>assistant\n"
+    ids = processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    pixel_values = torch.stack([processor([open_image(i.image_path)], ["x"])["pixel_values"][0] for i in items])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}

@@ -1,0 +1,179 @@
+"""Single-purpose, float-exact weight edits for residual-stream transforms (QuaRot style).
+
+Conventions: a residual stream is a row vector x of width n; a rotation maps it to xQ (Q orthogonal
+n×n). Every tensor that touches the stream has one *hidden axis*; whether it writes the stream
+(embedding rows, a writer's output rows, a conv's output channels) or reads it (a linear's input
+columns, a conv's input channels), the rotated tensor is the old one multiplied by Q along that
+axis: ``t.movedim(axis, -1) @ Q``. A reader whose hidden axis is k·n wide reads k stream vectors
+side by side (pixel shuffle, patch merger): it gets block-diag(Q, ..., Q) = I_k ⊗ Q.
+All arithmetic runs in float64 and is cast back to the tensor's own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mquant.errors import ConfigError
+from mquant.models.spec import AttentionRef, LayerScaleRef, LinearRef, ResidualParam
+from mquant.core.hadamard import hadamard_matrix, random_hadamard, random_signs
+
+F64 = torch.float64
+
+
+def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite a parameter/buffer in place (keeps its identity, dtype and device)."""
+    with torch.no_grad():
+        tensor.copy_(value.to(dtype=tensor.dtype, device=tensor.device))
+
+
+def _along(t: torch.Tensor, axis: int, fn) -> torch.Tensor:
+    """Apply `fn` to `t` (as float64) with `axis` moved last, then move it back."""
+    moved = t.detach().to(F64).movedim(axis, -1)
+    return fn(moved).movedim(-1, axis)
+
+
+def rotate_tensor(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
+    """``t`` multiplied by I_k ⊗ Q along ``axis`` (k = size / n), as float64."""
+    n = q.shape[0]
+    size = t.shape[axis]
+    if size % n:
+        raise ConfigError(f"cannot rotate an axis of size {size} by a {n}×{n} rotation; check the adapter's hidden axis")
+    q = q.to(F64)
+
+    def fn(m: torch.Tensor) -> torch.Tensor:
+        chunks = m.reshape(*m.shape[:-1], size // n, n)
+        return (chunks @ q).reshape(m.shape)
+
+    return _along(t, axis, fn)
+
+
+def centre_tensor(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` minus its mean along ``axis`` (W ← C·W with C = I − 11ᵀ/n for a writer's rows)."""
+    return _along(t, axis, lambda m: m - m.mean(dim=-1, keepdim=True))
+
+
+# ---- residual parameters and linears -------------------------------------------------------------
+def param_tensor(param: ResidualParam) -> torch.Tensor:
+    tensor = getattr(param.module, param.attr)
+    if not isinstance(tensor, torch.Tensor):
+        raise ConfigError(f"{param.name} is not a tensor; the adapter's ResidualParam is wrong")
+    return tensor
+
+
+def rotate_param(param: ResidualParam, q: torch.Tensor) -> None:
+    tensor = param_tensor(param)
+    _assign(tensor, rotate_tensor(tensor, param.axis, q))
+
+
+def centre_param(param: ResidualParam) -> None:
+    tensor = param_tensor(param)
+    _assign(tensor, centre_tensor(tensor, param.axis))
+
+
+def ensure_bias(linear: nn.Linear) -> bool:
+    """Give a bias-free linear a zero bias (so a folded shift has somewhere to go); True if added.
+    This changes the module's state dict: callers record it for `load_quantized` (norms.py)."""
+    if linear.bias is not None:
+        return False
+    w = linear.weight
+    linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+    return True
+
+
+def rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
+    """Output rows of a stream writer: W ← QᵀW, b ← Qᵀb (so its output becomes yQ)."""
+    _assign(linear.weight, rotate_tensor(linear.weight, 0, q))
+    if linear.bias is not None:
+        _assign(linear.bias, rotate_tensor(linear.bias, 0, q))
+
+
+def rotate_reader(linear: nn.Linear, q: torch.Tensor) -> None:
+    """Input columns of a stream reader: W ← W(I_k ⊗ Q) (so it reads xQ and outputs the same)."""
+    _assign(linear.weight, rotate_tensor(linear.weight, 1, q))
+
+
+def centre_writer(linear: nn.Linear) -> None:
+    """Make a writer's output mean-free along the hidden axis: W ← CW, b ← Cb."""
+    _assign(linear.weight, centre_tensor(linear.weight, 0))
+    if linear.bias is not None:
+        _assign(linear.bias, centre_tensor(linear.bias, 0))
+
+
+# ---- norms and layer scales ----------------------------------------------------------------------
+def _tiled(v: torch.Tensor, size: int) -> torch.Tensor:
+    if size % v.numel():
+        raise ConfigError(f"a norm of width {v.numel()} cannot feed an input of width {size}")
+    return v.to(F64).repeat(size // v.numel())
+
+
+def fold_affine_into_linear(linear: nn.Linear, gamma: torch.Tensor, beta: torch.Tensor | None) -> bool:
+    """A norm output n·γ + β feeding `linear` (k chunks when in_features = k·width):
+    W ← W·diag(γ), b ← b + Wβ. Returns True when a bias had to be created."""
+    w = linear.weight.detach().to(F64)
+    g = _tiled(gamma, w.shape[1])
+    added = False
+    if beta is not None and bool(beta.ne(0).any()):
+        added = ensure_bias(linear)
+        shift = w @ _tiled(beta, w.shape[1])
+        _assign(linear.bias, linear.bias.detach().to(F64) + shift)
+    _assign(linear.weight, w * g)
+    return added
+
+
+def fold_scale_into_param(param: ResidualParam, gamma: torch.Tensor) -> None:
+    """A reader that is not a Linear (a downsampling conv): scale its input axis by γ (tiled)."""
+    tensor = param_tensor(param)
+    size = tensor.shape[param.axis]
+    _assign(tensor, _along(tensor, param.axis, lambda m: m * _tiled(gamma, size)))
+
+
+def fold_layer_scale(ref: LayerScaleRef) -> None:
+    """writer(x)·λ → writer'(x) with W ← diag(λ)W, b ← λ∘b; λ ← 1 (the scale is then a no-op)."""
+    scale = getattr(ref.module, ref.attr)
+    lam = scale.detach().to(F64).reshape(-1)
+    if bool((lam == 1).all()):
+        return
+    linear = ref.writer.module
+    _assign(linear.weight, linear.weight.detach().to(F64) * lam[:, None])
+    if linear.bias is not None:
+        _assign(linear.bias, linear.bias.detach().to(F64) * lam)
+    _assign(scale, torch.ones_like(scale, dtype=F64))
+
+
+# ---- per-head value/output rotation --------------------------------------------------------------
+def _row_range(ref: LinearRef) -> range:
+    return range(*(ref.rows or slice(None)).indices(ref.module.out_features))
+
+
+def rotate_heads(att: AttentionRef, h: torch.Tensor) -> None:
+    """V_h ← V_h·H for every kv head (v rows: W ← HᵀW per head) and o's columns per query head
+    (W_o,h ← W_o,h·H). Attention mixes value rows linearly, so every query head's output becomes
+    out_h·H, whichever kv head it shares under GQA, and o_proj undoes it: outputs are unchanged."""
+    d = att.head_dim
+    rows = _row_range(att.v)
+    if len(rows) != att.num_kv_heads * d or rows.step != 1:
+        raise ConfigError(f"{att.v.name}: {len(rows)} value rows, expected kv_heads·head_dim = {att.num_kv_heads * d}")
+    v, sl = att.v.module, slice(rows.start, rows.stop)
+    _assign(v.weight[sl], rotate_tensor(v.weight[sl], 0, h))
+    if v.bias is not None:
+        _assign(v.bias[sl], rotate_tensor(v.bias[sl], 0, h))
+    o = att.o.module
+    if o.in_features != att.num_heads * d:
+        raise ConfigError(f"{att.o.name}: {o.in_features} input features, expected heads·head_dim = {att.num_heads * d}")
+    rotate_reader(o, h)
+
+
+# ---- rotations -----------------------------------------------------------------------------------
+def random_rotation(n: int, seed: int) -> torch.Tensor:
+    """QuaRot's random-sign Hadamard Q = diag(s)·H (float64)."""
+    return random_hadamard(n, seed, dtype=F64, side="left")
+
+
+def mean_preserving_rotation(n: int, seed: int) -> torch.Tensor:
+    """Q = H·D·Hᵀ with H the normalized Hadamard (first column 1/√n), D = diag(±1), D₀₀ = +1.
+    Q·1 = 1 and 1ᵀ·Q = 1ᵀ: Q keeps every vector's mean and rotates the mean-free part, so a
+    LayerNorm without affine commutes with it (LN(xQ) = LN(x)Q), also over k·n chunked inputs."""
+    h = hadamard_matrix(n, F64)
+    s = random_signs(n, seed, first_positive=True)
+    return (h * s[None, :]) @ h.T
