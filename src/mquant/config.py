@@ -65,12 +65,32 @@ class SchemeConfig:
         )
 
 
+# QuantLinear, the kernels and saved models read column j's scale from group j // g.
+SCATTERED_GROUPS_ERROR = (
+    "GPTQ act_order with non-static groups scatters each group's columns (g_idx), which QuantLinear "
+    "cannot store; use static groups (GPTQConfig(static_groups=True))"
+)
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
+    """GPTQ options; ``static_groups`` None means static groups exactly when ``act_order``.
+
+    Static groups stay the act_order default: on the default model at W4 g128 non-static (g_idx)
+    groups change the held-out output error by under 1% (BENCHMARKS.md, "GPTQ act-order: static
+    vs non-static groups"), and only static groups keep the j // g layout the model path stores.
+    """
+
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     clip_search: bool = False
+    static_groups: bool | None = None
+
+    @property
+    def scatters_groups(self) -> bool:
+        """True when per-group scales would need a per-column group index (g_idx)."""
+        return self.act_order and self.static_groups is False
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,8 @@ class Recipe:
             raise ConfigError(f"unknown weight method '{self.weight_method}'; use rtn or gptq")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"unknown observer '{self.observer}'; use one of {', '.join(OBSERVERS)}")
+        if self.weight_method == "gptq" and self.gptq.scatters_groups and (self.vision.group_size or self.language.group_size):
+            raise ConfigError(SCATTERED_GROUPS_ERROR)
         unknown = [s for s in self.steps if s not in STEP_ORDER]
         if unknown:
             raise ConfigError(f"unknown recipe step(s) {unknown}; known: {', '.join(STEP_ORDER)}")

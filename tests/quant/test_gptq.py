@@ -1,10 +1,12 @@
 import pytest
 import torch
 
+from mquant.config import GPTQConfig, Recipe, SchemeConfig
 from mquant.errors import CalibrationError, ConfigError
 from mquant.quant.gptq import HessianAccumulator, gptq_quantize_weight
 from mquant.quant.quantizer import QuantSpec, dequantize, dequantize_g_idx, fake_quantize
 from mquant.quant.rtn import rtn_quantize_weight
+from mquant.quant.weights import quantize_weight
 
 IN, OUT, N = 256, 32, 1024
 
@@ -167,3 +169,30 @@ def test_lazy_block_updates_are_exact(layer):
     b = gptq_quantize_weight(w, H, spec, block_size=96)  # rounded to 96 (3 groups)
     mismatch = (a.codes != b.codes).float().mean().item()
     assert mismatch < 1e-3 and abs(a.loss - b.loss) < 1e-3 * a.loss
+
+
+W4G128 = SchemeConfig(weight_bits=4, act_bits=None, group_size=128)
+
+
+def test_model_path_keeps_static_groups_by_default(wide_layer):
+    _, w, H = wide_layer
+    codes, scale = quantize_weight(w, W4G128, "gptq", H, GPTQConfig())
+    static = gptq_quantize_weight(w, H, G128, act_order=True, static_groups=True)
+    assert torch.equal(codes, static.codes) and torch.equal(scale, static.scale)
+    # without act_order, non-static groups stay consecutive (j // g) and are accepted
+    codes, _ = quantize_weight(w, W4G128, "gptq", H, GPTQConfig(act_order=False, static_groups=False))
+    assert torch.equal(codes, gptq_quantize_weight(w, H, G128, act_order=False).codes)
+
+
+def test_model_path_refuses_scattered_groups(wide_layer):
+    """QuantLinear stores j // g scales: a g_idx result must fail loudly, naming static groups."""
+    _, w, H = wide_layer
+    with pytest.raises(ConfigError, match="static_groups=True"):
+        quantize_weight(w, W4G128, "gptq", H, GPTQConfig(static_groups=False))
+    with pytest.raises(ConfigError, match="static_groups=True"):  # before any calibration runs
+        Recipe(method="gptq", weight_method="gptq", language=W4G128, gptq=GPTQConfig(static_groups=False))
+    per_channel = Recipe(method="gptq", weight_method="gptq", gptq=GPTQConfig(static_groups=False))
+    assert Recipe.from_dict(per_channel.to_dict()) == per_channel
+    old = per_channel.to_dict()
+    del old["gptq"]["static_groups"]  # recipes saved before the field existed
+    assert Recipe.from_dict(old).gptq == GPTQConfig()
