@@ -77,15 +77,34 @@ class RTNConfig:
     clip_search: bool = False
 
 
+# QuantLinear, the kernels and saved models read column j's scale from group j // g.
+SCATTERED_GROUPS_ERROR = (
+    "GPTQ act_order with non-static groups scatters each group's columns (g_idx), which QuantLinear "
+    "cannot store; use static groups (GPTQConfig(static_groups=True))"
+)
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
-    """GPTQ weights (quantizers/gptq.py documents each choice)."""
+    """GPTQ weights (quantizers/gptq.py documents each choice); ``static_groups`` None means static
+    groups exactly when ``act_order``.
+
+    Static groups stay the act_order default: on the default model at W4 g128 non-static (g_idx)
+    groups change the held-out output error by under 1% (BENCHMARKS.md, "GPTQ act-order: static
+    vs non-static groups"), and only static groups keep the j // g layout the model path stores.
+    """
 
     method: ClassVar[str] = "gptq"
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     clip_search: bool = False
+    static_groups: bool | None = None
+
+    @property
+    def scatters_groups(self) -> bool:
+        """True when per-group scales would need a per-column group index (g_idx)."""
+        return self.act_order and self.static_groups is False
 
 
 WeightConfig = RTNConfig | GPTQConfig
@@ -223,6 +242,8 @@ class Recipe:
             raise ConfigError(f"weights must be RTNConfig or GPTQConfig, got {type(self.weights).__name__}")
         if self.observer not in OBSERVERS:
             raise ConfigError(f"unknown observer '{self.observer}'; use one of {', '.join(OBSERVERS)}")
+        if isinstance(self.weights, GPTQConfig) and self.weights.scatters_groups and (self.vision.group_size or self.language.group_size):
+            raise ConfigError(SCATTERED_GROUPS_ERROR)
         steps = [_as_step(s) for s in self.steps]
         names = [s.name for s in steps]
         if len(set(names)) != len(names):

@@ -13,7 +13,7 @@ from mquant.testing.equivalence import (EQUIVALENCE_FAMILIES, apply_transforms, 
                                         family_missing)
 from mquant.testing.tiny import tiny_case
 from mquant.steps.fold import fold_affine_into_linear
-from mquant.steps.norms import UnifiedRMSNorm, stream_norms
+from mquant.steps.norms import stream_norms
 from mquant.core.state import QuantState
 from mquant.steps.structure import apply_structure
 

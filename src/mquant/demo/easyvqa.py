@@ -8,7 +8,6 @@ hard enough that a VLM must actually look at the image (half the answers are yes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 from mquant.errors import ConfigError
 

@@ -18,6 +18,7 @@ from mquant.api import quantize
 from mquant.kernels.attach import attach_kernels
 from mquant.calib.data import build_calibration_inputs
 from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
+from mquant.eval.easyvqa import answer_items, easyvqa_accuracy_of
 from mquant.io.loading import LoadedModel, load_float_model
 
 

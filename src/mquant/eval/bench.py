@@ -146,7 +146,7 @@ def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: 
     n_images = max(1, -(-visual_tokens // NUM_IMAGE_TOKENS))
     items = load_split("test")[: n_images * 12 : 12]
     words = " ".join(["Describe the shape, its colour and its position."] * max(1, text_tokens // 10))
-    prompt = f"<|im_start|>user\n" + "".join(f"{IMAGE_TOKEN * NUM_IMAGE_TOKENS}\n" for _ in items) + f"{words}<|im_end|>\n<|im_start|>assistant\n"
+    prompt = "<|im_start|>user\n" + "".join(f"{IMAGE_TOKEN * NUM_IMAGE_TOKENS}\n" for _ in items) + f"{words}<|im_end|>\n<|im_start|>assistant\n"
     ids = processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     pixel_values = torch.stack([processor([open_image(i.image_path)], ["x"])["pixel_values"][0] for i in items])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}

@@ -14,7 +14,10 @@ reference algorithm:
 * per-group scales are computed when the algorithm reaches a group (on the error-updated
   weights), or, with ``static_groups`` (default when ``act_order``), up front from the
   original weights on the original group index, so every group keeps one scale even though
-  its columns are visited out of order.
+  its columns are visited out of order;
+* with ``act_order`` and non-static groups a group is ``g`` consecutive columns of the
+  *visit* order, scattered in the original order, so the result carries ``g_idx`` (reference
+  GPTQ's per-input-column group index): column j's scale is ``scale[:, g_idx[j]]``.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def gptq_quantize_weight(
 
     ``clip_search`` uses the MSE clip-ratio search for every scale (row or group).
     ``static_groups`` (default: ``act_order``) fixes group scales from the original weights.
+    ``act_order`` with non-static groups returns ``g_idx``; dequantise with
+    ``QuantizedWeight.dequantize`` (or ``dequantize_g_idx``), not with ``j // g`` scales.
     The returned ``loss`` is Σ (w - ŵ)² / (2·[H⁻¹]_jj²) over all weights (reference GPTQ).
     """
     if spec.granularity == "token":
@@ -174,12 +179,26 @@ def gptq_quantize_weight(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+    g_idx = None
     if act_order:
-        codes = codes[:, torch.argsort(perm)]
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if group is not None and not static_groups:
+            g_idx = _visit_order_g_idx(inverse, group)
     return QuantizedWeight(
         codes=codes.to(spec.code_dtype),
         scale=scale,
         zero=zero,
         spec=spec,
         loss=float(losses.sum()),
+        g_idx=g_idx,
     )
+
+
+def _visit_order_g_idx(inverse: torch.Tensor, group: int) -> torch.Tensor:
+    """Group of each original column when groups are ``group`` consecutive *visited* columns.
+
+    ``inverse[j]`` is the position at which original column j was quantized, and the scale
+    column filled at position p is p // group.
+    """
+    return (inverse // group).to(torch.int64)

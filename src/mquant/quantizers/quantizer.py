@@ -137,6 +137,23 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return (codes.float() - z) * s
 
 
+def dequantize_g_idx(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """Float32 ``(codes - zero[:, g_idx]) * scale[:, g_idx]``: input column j uses group g_idx[j].
+
+    GPTQ with act_order and non-static groups groups g consecutive columns of its *visit*
+    order, which are scattered in the original order, so ``j // g`` cannot index their scale.
+    """
+    if scale.dim() != 2 or g_idx.shape != (codes.shape[-1],):
+        raise ConfigError(
+            f"g_idx needs a [out, groups] scale and one group per input column; "
+            f"got scale {tuple(scale.shape)}, g_idx {tuple(g_idx.shape)} for {codes.shape[-1]} columns"
+        )
+    idx = g_idx.long()
+    return (codes.float() - zero[:, idx].float()) * scale[:, idx].float()
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:

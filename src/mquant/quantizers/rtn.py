@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mquant.errors import ConfigError
-from mquant.quantizers.quantizer import QuantSpec, dequantize, quantize, weight_qparams
+from mquant.quantizers.quantizer import QuantSpec, dequantize, dequantize_g_idx, quantize, weight_qparams
 
 
 @dataclass
@@ -19,6 +19,9 @@ class QuantizedWeight:
     zero:  int32, same shape as scale
     loss:  GPTQ's accumulated quantization loss (sum over weights of err^2 / Hinv_jj^2 / 2);
            None for RTN.
+    g_idx: int64 [in], the scale column of each input column (GPTQ act_order with non-static
+           groups, whose groups are scattered in the original order); None: column j uses
+           group j // g, the layout QuantLinear, the kernels and saved models assume.
     """
 
     codes: torch.Tensor
@@ -26,10 +29,21 @@ class QuantizedWeight:
     zero: torch.Tensor
     spec: QuantSpec
     loss: float | None = None
+    g_idx: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
         """Float32 weight [out, in] on the quantization grid."""
+        if self.g_idx is not None:
+            return dequantize_g_idx(self.codes, self.scale, self.zero, self.g_idx)
         return dequantize(self.codes, self.scale, self.zero)
+
+    def has_consecutive_groups(self) -> bool:
+        """True when column j uses scale column j // g, i.e. the weight fits QuantLinear's format."""
+        if self.g_idx is None:
+            return True
+        group = self.codes.shape[1] // self.scale.shape[1]
+        consecutive = torch.arange(self.codes.shape[1], device=self.g_idx.device) // group
+        return bool(torch.equal(self.g_idx.long(), consecutive))
 
 
 def rtn_quantize_weight(
