@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -91,11 +91,6 @@ def _owned_modules(block: Any) -> list[tuple[str, nn.Module]]:
     return owned
 
 
-def _layer_info(m: QuantLinear) -> dict[str, Any]:
-    return {"weight_bits": m.weight_bits, "act_bits": m.act_bits, "act_dynamic": m.act_dynamic,
-            "online_hadamard": m.online_hadamard, "rms_split": m.rms_split}
-
-
 class CalibrationCheckpoint:
     """Save/restore finished blocks of one calibration run in `directory`."""
 
@@ -131,7 +126,7 @@ class CalibrationCheckpoint:
                 tensors[prefix + key] = value.detach().contiguous().clone()
             for name, sub in module.named_modules():
                 if isinstance(sub, QuantLinear) and sub.quantized:
-                    layers[prefix + name] = _layer_info(sub)
+                    layers[prefix + name] = sub.quant_settings()
         metadata = {"layers": json.dumps(layers), "records": json.dumps([asdict(r) for r in records])}
         path = self.directory / f"{block_id}.safetensors"
         self._guard(lambda: _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata)))
@@ -144,8 +139,6 @@ class CalibrationCheckpoint:
         path = self.directory / f"{block_id}.safetensors"
         try:
             tensors = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
             layers = json.loads(metadata["layers"])
@@ -163,12 +156,7 @@ class CalibrationCheckpoint:
             info = layers.get(prefix + name)
             if info is None or not isinstance(sub, QuantLinear):
                 continue
-            sub.online_hadamard = info["online_hadamard"]
-            if info["rms_split"]:
-                sub.rms_split = True
-                sub.rms_w0 = state[f"{name}.rms_w0"]
-            sub.set_quantized(state[f"{name}.qweight"], state[f"{name}.w_scale"], info["weight_bits"], info["act_bits"],
-                              info["act_dynamic"], state.get(f"{name}.act_scale"))
+            sub.restore_quantized(info, lambda leaf, name=name: state.get(f"{name}.{leaf}"))
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -13,7 +13,7 @@ the input's dtype; integer kernels (mquant.kernels) reproduce it with int arithm
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,22 @@ class QuantLinear(nn.Linear):
         self.quantized = True
         self.weight = None  # float weight dropped: the codes are the model now
         self._dequant_cache = None
+
+    # ---- the one save/restore of a quantized layer (our format and calibration checkpoints) ---
+    def quant_settings(self) -> dict[str, Any]:
+        """The JSON-able settings that, with the layer's tensors, rebuild its quantized state."""
+        return {"weight_bits": self.weight_bits, "act_bits": self.act_bits, "act_dynamic": self.act_dynamic,
+                "online_hadamard": self.online_hadamard, "rms_split": self.rms_split}
+
+    def restore_quantized(self, settings: dict[str, Any], tensor: Callable[[str], torch.Tensor | None]) -> None:
+        """Inverse of `quant_settings` + the state dict: `tensor(leaf)` returns this layer's saved
+        tensor `leaf` ("qweight" as unpacked int codes, "w_scale", "act_scale", "rms_w0") or None."""
+        self.online_hadamard = settings["online_hadamard"]
+        if settings["rms_split"]:
+            self.rms_split = True
+            self.rms_w0 = tensor("rms_w0")
+        self.set_quantized(tensor("qweight"), tensor("w_scale"), settings["weight_bits"], settings["act_bits"],
+                           settings["act_dynamic"], tensor("act_scale"))
 
     def extra_repr(self) -> str:
         if not self.quantized:

@@ -45,11 +45,7 @@ def _layer_meta(m: QuantLinear) -> dict[str, Any]:
         "part": m.modality,
         "in_features": m.in_features,
         "out_features": m.out_features,
-        "weight_bits": m.weight_bits,
-        "act_bits": m.act_bits,
-        "act_dynamic": m.act_dynamic,
-        "online_hadamard": m.online_hadamard,
-        "rms_split": m.rms_split,
+        **m.quant_settings(),
         "bias": m.bias is not None,
         "w_scale_shape": list(m.w_scale.shape),
     }
@@ -194,13 +190,7 @@ def restore_quantized_layers(model: nn.Module, layers: dict[str, Any], tensors: 
             raise CheckpointError(f"{path}: layer {name} does not match the architecture in config.json; restore config.json or {_REQUANTIZE}")
         check_layer_tensors(name, info, tensors, Path(path))
         codes = tensors[f"{name}.qweight"]
-        if info["weight_bits"] == 4:
-            codes = unpack_int4(codes)
-        module.online_hadamard = info["online_hadamard"]
-        if info["rms_split"]:
-            module.rms_split = True
-            module.rms_w0 = tensors[f"{name}.rms_w0"]
-        act_scale = tensors.get(f"{name}.act_scale")
-        module.set_quantized(codes, tensors[f"{name}.w_scale"], info["weight_bits"], info["act_bits"], info["act_dynamic"], act_scale)
+        saved = {"qweight": unpack_int4(codes) if info["weight_bits"] == 4 else codes}
+        module.restore_quantized(info, lambda leaf, name=name, saved=saved: saved.get(leaf, tensors.get(f"{name}.{leaf}")))
         if info["bias"]:
             module.bias = nn.Parameter(tensors[f"{name}.bias"], requires_grad=False)

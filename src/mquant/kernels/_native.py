@@ -109,11 +109,6 @@ def isa() -> int:
     return -1 if dll is None else int(dll.mq_isa())
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    """Raw data pointer for ctypes (None -> NULL); the caller keeps `t` alive during the call."""
-    return None if t is None else t.data_ptr()
-
-
 def scale_pointer(scale: float | torch.Tensor | None) -> tuple[object, int | None, int]:
     """(keep-alive object, pointer, row stride) for a per-tensor float, a float32 [M] tensor, or
     None (dynamic)."""

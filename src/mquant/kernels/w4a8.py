@@ -27,7 +27,7 @@ import torch
 
 from mquant.errors import ConfigError, ResourceError
 from mquant.kernels import _native
-from mquant.kernels.common import Backend, InputPrologue, PreparedWeight, Rank1, ScaleArg, register
+from mquant.kernels.common import Backend, InputPrologue, Rank1, ScaleArg, register
 from mquant.kernels.packing import native_layout, native_scales, pack_native
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
 
@@ -150,9 +150,3 @@ def native_isa() -> str:
     level = _native.isa()
     return _native.ISA_NAMES.get(level, "unavailable")
 
-
-def prepare_w4(weight: torch.Tensor, w_scale: torch.Tensor, backend: str | None = None) -> PreparedWeight:
-    """`prepare_weight` for 4-bit weights: int8 codes in [-8, 7] or packed uint8 [N, K/2]."""
-    from mquant.kernels.common import prepare_weight
-
-    return prepare_weight(weight, w_scale, backend, bits=4)
