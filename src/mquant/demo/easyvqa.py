@@ -24,7 +24,7 @@ class VQAItem:
 
 
 def _answers() -> list[str]:
-    from easy_vqa import get_answers
+    from easy_vqa import get_answers  # lazy: easy_vqa reads its data index on import
 
     return list(get_answers())
 
@@ -34,7 +34,7 @@ ANSWERS: list[str] = _answers()
 
 def load_split(split: str) -> list[VQAItem]:
     """All questions of a split, in the package's (deterministic) order."""
-    import easy_vqa
+    import easy_vqa  # lazy: easy_vqa reads its data index on import
 
     if split not in SPLITS:
         raise ConfigError(f"unknown easy-VQA split {split!r}; use one of {', '.join(SPLITS)}")

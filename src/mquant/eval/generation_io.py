@@ -26,7 +26,7 @@ def check_prompt_fits(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> 
 
 
 def text_streamer(processor: Any):
-    from transformers import TextStreamer
+    from transformers import TextStreamer  # lazy: transformers' model/auto classes take seconds to import
 
     tokenizer = getattr(processor, "tokenizer", processor)
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -28,6 +28,9 @@ from mquant.errors import ConfigError
 from mquant.core.qlinear import QuantLinear, dequantize_weight
 from mquant.core.swap import quant_linears
 from mquant.io.atomic import atomic_directory
+from mquant.io.loader import load_quantized
+from mquant.io.native import float_dtype
+from mquant.io.processors import load_saved_processor, save_processor
 
 _USE_MQUANT = "export with --format mquant instead"
 
@@ -36,14 +39,11 @@ def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_di
     """Write a compressed-tensors model directory (config.json with `quantization_config`,
     model.safetensors, processor files) to `out_dir` atomically. Accepts a directory written by
     `mquant quantize` or a model quantized in memory (left unchanged)."""
-    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors import ModelCompressor  # lazy: compressed-tensors is only needed to export
 
     if isinstance(model_dir_or_model, nn.Module):
         model = model_dir_or_model
     else:
-        from mquant.io.loading import load_saved_processor
-        from mquant.io.loader import load_quantized
-
         model = load_quantized(model_dir_or_model)
         processor = processor if processor is not None else load_saved_processor(model_dir_or_model)
     layers = quant_linears(model)
@@ -60,8 +60,6 @@ def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_di
         skeleton.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         if processor is not None:
-            from mquant.io.loading import save_processor
-
             save_processor(processor, tmp)
     return Path(out_dir)
 
@@ -91,8 +89,6 @@ def check_representable(model: nn.Module, layers: dict[str, QuantLinear]) -> Non
 
 def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Module:
     """The plain transformers model on meta, its float tensors assigned from `model` (shared)."""
-    from mquant.io.native import float_dtype
-
     with torch.device("meta"):
         skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=getattr(torch, float_dtype(model)))
     floats = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
@@ -119,7 +115,7 @@ def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Modu
 
 
 def _scheme(layer: QuantLinear):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # lazy: compressed-tensors is only needed to export
 
     groups = layer.w_scale.shape[1]
     group_size = None if groups == 1 else layer.in_features // groups
@@ -153,9 +149,9 @@ def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
 
 def _compress_into(skeleton: nn.Module, name: str, layer: QuantLinear, scheme: Any) -> None:
     """Give the skeleton's linear `name` its compressed tensors, made by the library's compressor."""
-    from compressed_tensors.compressors import compress_module
-    from compressed_tensors.quantization import QuantizationStatus
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+    from compressed_tensors.compressors import compress_module  # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.quantization import QuantizationStatus  # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization  # lazy: compressed-tensors is only needed to export
 
     linear = skeleton.get_submodule(name)
     # float32 dequantized weight: scales are then float32 (ours, exactly) and code × scale / scale
@@ -173,7 +169,7 @@ def _compress_into(skeleton: nn.Module, name: str, layer: QuantLinear, scheme: A
 
 
 def _check_codes(name: str, linear: nn.Module, layer: QuantLinear) -> None:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # lazy: compressed-tensors is only needed to export
 
     if hasattr(linear, "weight_packed"):
         codes = unpack_from_int32(linear.weight_packed, layer.weight_bits, linear.weight_shape)
@@ -200,7 +196,7 @@ def _both_names(model: nn.Module, module_names: list[str]) -> list[str]:
 def checkpoint_name(model: nn.Module, module_name: str) -> str:
     """The name `save_pretrained` writes for module `module_name` (transformers may rename, e.g.
     Qwen2-VL's model.language_model.layers → model.layers)."""
-    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers' model/auto classes take seconds to import
 
     renamed = revert_weight_conversion(model, {f"{module_name}.weight": torch.empty(0)})
     key = next(iter(renamed)) if len(renamed) == 1 else f"{module_name}.weight"

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mquant.errors import ConfigError
+from mquant.io.compressed import export_compressed_tensors
+from mquant.io.loader import load_quantized
+from mquant.io.native import read_meta, save_quantized
+from mquant.io.processors import load_saved_processor
 
 FORMATS = ("compressed-tensors", "mquant")
 
@@ -12,20 +16,10 @@ FORMATS = ("compressed-tensors", "mquant")
 def export_model(model_dir: str | Path, format: str, out: str | Path) -> Path:
     """Re-write a directory saved by `mquant quantize` in `format`, atomically, to `out`."""
     if format == "compressed-tensors":
-        from mquant.io.compressed import export_compressed_tensors
-
         return export_compressed_tensors(model_dir, out)
     if format == "mquant":
-        from mquant.io.loader import load_quantized
-        from mquant.io.native import read_meta, save_quantized
-
         model = load_quantized(model_dir)
         extra = {"calibration": read_meta(model_dir).get("calibration")}
-        return save_quantized(model, out, processor=_saved_processor(model_dir), extra=extra)
+        return save_quantized(model, out, processor=load_saved_processor(model_dir), extra=extra)
     raise ConfigError(f"unknown export format '{format}'; use one of {', '.join(FORMATS)}")
 
-
-def _saved_processor(model_dir: str | Path):
-    from mquant.io.loading import load_saved_processor
-
-    return load_saved_processor(model_dir)

@@ -66,7 +66,7 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
 
 
 def _model_class(meta: dict[str, Any], model_dir: Path) -> type:
-    import transformers
+    import transformers  # lazy: transformers' model/auto classes take seconds to import
 
     model_cls = getattr(transformers, meta["model_class"], None)
     if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):

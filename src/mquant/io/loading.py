@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from mquant.io.loader import load_quantized
+from mquant.io.processors import load_saved_processor
+from mquant.demo.assemble import load_default_model
 from mquant.errors import CheckpointError, InputError, UnsupportedModelError
 from mquant.models.registry import adapter_for_model_type
 
@@ -35,14 +37,12 @@ def _looks_like_path(source: str) -> bool:
 
 def load_float_model(source: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     if source in (None, DEFAULT_MODEL):
-        from mquant.demo.assemble import load_default_model
-
         model, processor = load_default_model(dtype=dtype)
         return LoadedModel(model.eval(), processor, DEFAULT_MODEL)
     path = Path(source).expanduser()
     if not path.exists() and _looks_like_path(source):
         raise InputError(f"model path {source} does not exist; pass a local model directory or a hub id")
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # lazy: transformers' model/auto classes take seconds to import
 
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else source)
@@ -64,34 +64,3 @@ def load_any(source: str | None, dtype: torch.dtype = torch.float32) -> LoadedMo
     if source not in (None, DEFAULT_MODEL) and Path(source).is_dir() and not (Path(source) / "config.json").exists():
         raise CheckpointError(f"{source} has neither mquant_config.json nor config.json; pass a model directory")
     return load_float_model(source, dtype)
-
-
-def save_processor(processor: Any, out_dir: Path) -> dict[str, Any]:
-    """Save the processor next to the weights; returns what `load_saved_processor` needs."""
-    from mquant.demo.processor import DefaultProcessor
-
-    if isinstance(processor, DefaultProcessor):
-        processor.tokenizer.save_pretrained(out_dir)
-        return {"processor": "default"}
-    if processor is not None and hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(out_dir)
-        return {"processor": "auto"}
-    return {"processor": None}
-
-
-def load_saved_processor(model_dir: str | Path) -> Any:
-    import json
-
-    meta = json.loads((Path(model_dir) / "mquant_config.json").read_text())
-    kind = meta.get("processor")
-    if kind == "default":
-        from transformers import AutoTokenizer
-
-        from mquant.demo.processor import DefaultProcessor
-
-        return DefaultProcessor(AutoTokenizer.from_pretrained(str(model_dir)))
-    if kind == "auto":
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(str(model_dir))
-    return None

@@ -31,6 +31,7 @@ from mquant.core.qlinear import QuantLinear
 from mquant.quantizers.quantizer import pack_int4, unpack_int4
 from mquant.core.swap import quant_linears
 from mquant.io.atomic import atomic_directory
+from mquant.io.processors import save_processor
 from mquant.io.validate import check_layer_tensors, validate_meta
 
 FORMAT_NAME = "mquant"
@@ -114,8 +115,6 @@ def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None,
         model.config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mquant"})
         if processor is not None:
-            from mquant.io.loading import save_processor
-
             meta.update(save_processor(processor, tmp))
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if report is not None:
@@ -148,7 +147,7 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
 
 def read_config(model_dir: str | Path, meta: dict[str, Any]) -> Any:
     """The transformers config, with the attention implementation the model was saved with."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers' model/auto classes take seconds to import
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():

@@ -12,6 +12,7 @@ from mquant.kernels.common import (InputPrologue, PreparedWeight, available_back
                      linear_static, prepare_weight, select_backend)
 from mquant.kernels.packing import pack_int4, unpack_int4
 from mquant.kernels.reference import reference_linear, reference_linear_float
+from mquant.kernels import int8_cpu  # noqa: F401  (importing a backend module registers it)
 from mquant.kernels.w4a8 import native_isa
 
 __all__ = ["InputPrologue", "input_prologue", "PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from mquant.core.hadamard import base_hadamard, hadamard_decompose
 from mquant.errors import ConfigError, InputError
 from mquant.kernels import _native
 from mquant.kernels.packing import as_codes
@@ -76,13 +77,8 @@ def register(backend: Backend) -> None:
         _REGISTRY[(bits, backend.name)] = backend
 
 
-def _ensure_registered() -> None:
-    from mquant.kernels import int8_cpu, w4a8  # noqa: F401  (import registers the backends)
-
-
 def available_backends(bits: int = 8, per_group: bool = False) -> list[str]:
     """Names of the backends usable here for `bits`-bit weights, fastest first."""
-    _ensure_registered()
     level = _native.isa()
     preference = (_PREFERENCE_VNNI if level == 2 else _PREFERENCE_OTHER).get(bits, ())
     if level == 0 and bits == 4:
@@ -100,7 +96,6 @@ def select_backend(bits: int = 8, per_group: bool = False) -> str:
 
 
 def _backend(bits: int, name: str) -> Backend:
-    _ensure_registered()
     found = _REGISTRY.get((bits, name))
     if found is None:
         raise ConfigError(f"unknown W{bits}A8 backend {name!r}; choose one of {available_backends(bits)}")
@@ -158,8 +153,6 @@ def input_prologue(k_in: int, online_hadamard: bool, rms_w0: torch.Tensor | None
         return None
     hadamard = None
     if online_hadamard:
-        from mquant.core.hadamard import base_hadamard, hadamard_decompose
-
         P, m = hadamard_decompose(k_in)
         hadamard = (P, m, base_hadamard(m).to(torch.float32).contiguous())
     w0 = None if rms_w0 is None else rms_w0.detach().reshape(-1).to(torch.float32).contiguous()

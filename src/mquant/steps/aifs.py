@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mquant.errors import UnsupportedModelError
+from mquant.models.registry import get_adapter
 from mquant.steps.aifs_mask import extend_order, is_identity, restore_tokens, switch_order, switched_mask, take_tokens
 from mquant.config import AIFSConfig
 from mquant.core.state import modality_context
@@ -71,8 +72,6 @@ def enable_aifs(model: nn.Module, adapter=None) -> AIFSHandle:
     """Install AIFS on `model` (float or quantized). Idempotent: a second call replaces the first."""
     disable_aifs(model)
     if adapter is None:
-        from mquant.models.registry import get_adapter
-
         adapter = get_adapter(model)
     spec = adapter.validate(model)
     language = spec.language.module
