@@ -5,7 +5,7 @@ in /tmp. Each training sequence packs one image with all its questions, every qu
 as its own single-turn prompt (see `pack_image`), so the 64 image tokens are run once for ~10
 supervised answers. Loss: answer tokens and their `<|im_end|>` only. The last 200 train images are
 held out for the accuracy printed during training. Weights are written every `--save-every` steps
-into src/mquant/default_model/weights/ (projector with the feature standardisation folded in, LoRA
+into src/mquant/demo/weights/ (projector with the feature standardisation folded in, LoRA
 factors in fp16, sha256 file), so an interrupted run leaves a usable checkpoint.
 
 What made it work (`--anchor-init --anchor-weight 1`): learning perception through the LM's sparse
