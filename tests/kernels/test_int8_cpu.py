@@ -8,7 +8,8 @@ from mquant.kernels import (available_backends, linear_dynamic, linear_static, p
                             select_backend)
 from mquant.kernels import _native
 from mquant.kernels.int8_cpu import quantize_activation
-from mquant.kernels.reference import (dynamic_row_scales, quantize_rows, reference_error_bound, row_scales)
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.kernels.reference import reference_error_bound, row_scales
 
 W8_BACKENDS = available_backends(8)
 

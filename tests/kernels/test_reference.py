@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mquant.errors import ConfigError, InputError
-from mquant.kernels.reference import (dynamic_row_scales, quantize_rows, reference_error_bound, reference_linear,
-                                      row_scales, weight_groups)
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.kernels.reference import reference_error_bound, reference_linear, row_scales, weight_groups
 
 
 def test_reference_matches_exact_rational_arithmetic():

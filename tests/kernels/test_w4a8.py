@@ -5,7 +5,8 @@ import torch
 
 from mquant.kernels import (_native, available_backends, linear_dynamic, linear_static, pack_int4, prepare_weight,
                             reference_linear, select_backend)
-from mquant.kernels.reference import dynamic_row_scales, quantize_rows, reference_error_bound, row_scales
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.kernels.reference import reference_error_bound, row_scales
 from mquant.kernels.w4a8 import run_native, run_torch
 
 needs_native = pytest.mark.skipif(_native.lib() is None, reason="native kernel library unavailable")
