@@ -18,3 +18,11 @@ def test_report_files_and_contents(tmp_path):
     assert "| language |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert data["seconds"] > 0 and data["peak_memory_bytes"] > 0
+
+
+def test_markdown_names_each_step_with_its_options(tmp_path):
+    case = tiny_case("llava")
+    model = copy.deepcopy(case.model)
+    report = quantize(model, recipe_for("smoothquant", "w8a8"), [case.batch(batch_size=1, seed=0)])
+    text = report.to_markdown()
+    assert "- steps: smoothquant(alpha=0.5); weights: rtn;" in text

@@ -56,7 +56,7 @@ class QuantReport:
             f"# mquant report: {self.model}",
             "",
             f"- method: `{self.recipe.get('method')}`, vision {self.recipe['vision']}, language {self.recipe['language']}",
-            f"- steps: {', '.join(self.recipe.get('steps', [])) or 'none'}; weights: {self.recipe.get('weight_method')}; observer: {self.recipe.get('observer')}",
+            f"- steps: {_steps_text(self.recipe.get('steps', []))}; weights: {self.recipe['weights']['method']}; observer: {self.recipe.get('observer')}",
             f"- calibration: {self.calibration}",
             f"- time: {self.seconds:.1f} s; peak memory: {self.peak_memory_bytes / 2**20:.0f} MiB",
             "",
@@ -98,6 +98,15 @@ class QuantReport:
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)
+
+
+def _steps_text(steps: list[dict[str, Any]]) -> str:
+    """`rotate(seed=42), msq`: each step with the options it was run with."""
+    def one(step: dict[str, Any]) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in step.items() if k != "name")
+        return f"{step['name']}({options})" if options else step["name"]
+
+    return ", ".join(one(s) for s in steps) or "none"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
