@@ -10,7 +10,7 @@ module the spec names and compare the tensors that actually flow:
 - block output − block input = Σ residual writers' outputs (× layer scale, or through a post-norm);
 - input_norm's output is block 0's input, final_norm's input is the last block's output;
 - raw readers read the raw stream: every chunk of their input is a row of one captured stream state
-  (stream start or a block output), and the index found matches `extra["vision_feature_layers"]`
+  (stream start or a block output), and the index found matches `TowerSpec.feature_layers`
   (non-negative hidden-state indices: 0 = stream entering block 0, i = output of block i-1);
 - a projector input norm reads the vision final norm's output, or the raw stream when there is none;
 - the visual token mask marks exactly the positions whose language input is not the word embedding.
@@ -220,11 +220,11 @@ def _check_tower(rec: _Recorder, tower: TowerSpec, spec: ModelSpec) -> None:
                       f"{where}: final_norm {tower.final_norm.name} input vs last block output")
         _check_norm_feeds(rec, tower.final_norm, tower.hidden_size, where)
     states = _stream_states(rec, tower) if (tower.raw_readers or tower.raw_reader_params) else []
-    expected = spec.extra.get(f"{tower.modality}_feature_layers")
+    expected = tower.feature_layers
     for ref in tower.raw_readers:
         x = rec.first_in(ref.module, ref.name)
         layers = _reader_layers(x, states, tower.hidden_size, f"{where}: raw reader {ref.name}")
-        if expected is not None:
+        if expected:
             ok = len(layers) == len(expected) and all(e in hits for e, hits in zip(expected, layers))
             assert ok, f"{where}: {ref.name} reads hidden_states{layers}, spec says {list(expected)}"
     for param in tower.raw_reader_params:
@@ -247,8 +247,8 @@ def _check_projector_norm(rec: _Recorder, spec: ModelSpec) -> None:
         assert found, f"{where}: norm {norm.name} input is not made of vision final-norm output rows"
         return
     layers = _reader_layers(x, _stream_states(rec, vision), vision.hidden_size, f"{where}: norm {norm.name}")
-    declared = spec.extra.get("vision_feature_layers")
-    if declared is not None:
+    declared = vision.feature_layers
+    if declared:
         expected = list(declared) * (len(layers) // len(declared))  # pixel shuffle: k chunks of one layer
         ok = all(e in hits for e, hits in zip(expected, layers))
         assert ok, f"{where}: norm {norm.name} reads hidden_states{layers}, spec says {list(declared)}"
