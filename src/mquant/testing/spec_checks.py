@@ -5,7 +5,8 @@ stream"); structure alone cannot prove it. These checks run the model once with 
 module the spec names and compare the tensors that actually flow:
 
 - each NormRef's output is the input of every linear in `feeds` (k×width feeds: every width-chunk of
-  the linear input is a row of the norm output, i.e. pixel shuffle / merger only regroups rows);
+  the linear input is a row of the norm output, i.e. pixel shuffle / merger only regroups rows), and
+  every row of a `param_feeds` module's input (GLM-4V's downsample conv) is a norm output row;
 - the linears of one group receive the identical input tensor;
 - block output − block input = Σ residual writers' outputs (× layer scale, or through a post-norm);
 - input_norm's output is block 0's input, final_norm's input is the last block's output;
@@ -101,6 +102,8 @@ def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
             rec.watch(norm.module)
             for ref in norm.feeds:
                 rec.watch(ref.module)
+            for param in norm.param_feeds:
+                rec.watch(param.module)
         for ref in tower.raw_readers:
             rec.watch(ref.module)
         for param in tower.raw_reader_params:
@@ -138,6 +141,13 @@ def _check_norm_feeds(rec: _Recorder, norm: NormRef, width: int, where: str) -> 
             found = all(_rows_found(_chunks(x, width), rows) for x in ins)
             k = ref.module.in_features // width
             assert found, f"{what}: the {k} chunks of the linear input are not norm output rows"
+    for param in norm.param_feeds:  # a merging conv: its input channels are norm output rows
+        ins = rec.inputs.get(id(param.module), [])
+        what = f"{where}: norm {norm.name} -> {param.name}"
+        assert outs and ins, f"{what}: not both called during the forward pass"
+        rows = torch.cat([_chunks(y, width) for y in outs])
+        found = all(_rows_found(_chunks(x if x.shape[-1] == width else x.movedim(1, -1), width), rows) for x in ins)
+        assert found, f"{what}: its input is not made of norm output rows"
 
 
 def _check_groups(rec: _Recorder, groups, where: str) -> None:
