@@ -55,12 +55,12 @@ def test_structure_details(case, spec):
     visual, layer = case.model.model.visual, case.model.model.language_model.layers[0]
     assert spec.vision.input_norm.module is visual.post_conv_layernorm and spec.vision.input_norm.kind == "rmsnorm"
     assert spec.vision.final_norm.module is visual.post_layernorm and spec.vision.final_norm.feeds == ()
-    position = spec.extra["vision_writers_after_input_norm"][0]
+    position = spec.vision.writers_after_input_norm[0]
     assert position in spec.vision.input_writers and position.module is visual.embeddings.position_embedding
-    conv = spec.extra["vision_final_norm_conv"]
+    conv = spec.vision.final_norm.param_feeds[0]
     assert (conv.module, conv.attr, conv.axis) == (visual.downsample, "weight", 1)
     assert spec.vision.raw_reader_params == () and spec.vision.raw_readers == ()
-    inner = spec.extra["projector_inner_norm"]
+    inner = spec.projector.inner_norms[0]
     assert inner.module is visual.merger.post_projection_norm and inner.kind == "layernorm" and inner.feeds == ()
     assert [[r.module for r in g.linears] for g in spec.projector.groups] == [
         [visual.merger.proj], [visual.merger.gate_proj, visual.merger.up_proj], [visual.merger.down_proj]]

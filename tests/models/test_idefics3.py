@@ -52,7 +52,7 @@ def test_structure(case):
     writers = {(p.module, p.attr, p.axis) for p in spec.language.input_writers}
     assert (proj, "weight", 0) in writers and len(writers) == 2  # bias-free projection + word embeddings
     assert spec.language.tied_embeddings == (case.family == "smolvlm")
-    assert spec.image_token_ids == (tiny_idefics3.IMAGE_ID,) and spec.extra["pixel_shuffle_factor"] == 2
+    assert spec.image_token_ids == (tiny_idefics3.IMAGE_ID,) and spec.projector.merge_size == 2
 
 
 def test_claiming_a_raw_read_is_caught(case):

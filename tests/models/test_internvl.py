@@ -56,7 +56,7 @@ def test_structure(case, spec):
     assert spec.projector.norm.module is proj.layer_norm and spec.projector.norm.feeds[0].module is proj.linear_1
     assert proj.layer_norm.weight.shape[-1] == 4 * spec.vision.hidden_size
     assert {p.attr for p in spec.vision.input_writers} == {"weight", "bias", "cls_token", "position_embeddings"}
-    assert spec.extra["vision_feature_layers"] == (2,) and spec.extra["pixel_shuffle_factor"] == 2
+    assert spec.vision.feature_layers == (2,) and spec.projector.merge_size == 2
     assert spec.image_token_ids == (tiny_internvl.IMAGE_ID,) and spec.language.tied_embeddings
 
 

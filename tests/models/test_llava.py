@@ -73,7 +73,7 @@ def test_clip_structure(clip):
     assert [p.attr for p in spec.vision.input_writers] == ["weight", "class_embedding", "weight"]
     assert spec.vision.final_norm is None  # post_layernorm only normalises the pooled CLS
     assert spec.vision.raw_readers[0].module is model.model.multi_modal_projector.linear_1
-    assert spec.extra["vision_feature_layers"] == (1,)  # -2 of 3 hidden states: block 1 is never read
+    assert spec.vision.feature_layers == (1,)  # -2 of 3 hidden states: block 1 is never read
     block = spec.vision.blocks[0]
     assert [g.role for g in block.groups] == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
     assert block.layer_scales == () and block.attention.num_heads == 2 and block.attention.head_dim == 16
@@ -87,7 +87,7 @@ def test_dinov2_structure_has_layer_scales_and_tied_lm_head(dino):
     assert [(s.module, s.writer.module) for s in block.layer_scales] == [
         (layer.layer_scale1, layer.attention.o_proj), (layer.layer_scale2, layer.mlp.fc2)]
     assert spec.vision.input_norm is None and spec.vision.final_norm is None  # -1 reads the pre-norm stream
-    assert spec.extra["vision_feature_layers"] == (2,)
+    assert spec.vision.feature_layers == (2,)
     assert {p.attr for p in spec.vision.input_writers} >= {"cls_token", "position_embeddings"}
     assert spec.language.tied_embeddings and spec.language.final_norm.feeds[0].module is model.lm_head
     writers = {(p.module, p.attr, p.axis) for p in spec.language.input_writers}
@@ -108,7 +108,7 @@ def _swap_block_norms(spec):
 
 
 def _wrong_feature_layer(spec):
-    return dataclasses.replace(spec, extra={**spec.extra, "vision_feature_layers": (1,)})
+    return dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, feature_layers=(1,)))
 
 
 def _wrong_token_ids(spec):
@@ -168,8 +168,8 @@ def test_concatenated_feature_layers_are_read_chunk_by_chunk():
                                      vision_feature_select_strategy="full")
     case = tiny_llava.llava_case("llava", config, 0, torch.float64, 32, 17)
     spec = check_spec_against_forward(case.model, LlavaAdapter(), case.batch(padding=True))
-    assert spec.extra["vision_feature_layers"] == (0, 1)
+    assert spec.vision.feature_layers == (0, 1)
     assert spec.vision.raw_readers[0].module.in_features == 2 * spec.vision.hidden_size
-    wrong = _Edited(lambda s: dataclasses.replace(s, extra={**s.extra, "vision_feature_layers": (1, 0)}))
+    wrong = _Edited(lambda s: dataclasses.replace(s, vision=dataclasses.replace(s.vision, feature_layers=(1, 0))))
     with pytest.raises(AssertionError, match="spec says"):
         check_spec_against_forward(case.model, wrong, case.batch())

@@ -48,7 +48,7 @@ def test_structure(case, spec):
     core = case.model.model
     assert spec.vision.raw_readers[0].module is core.multi_modal_projector.linear_1
     assert spec.vision.final_norm is None and spec.vision.input_norm is None  # -1 is pre post_layernorm
-    assert spec.extra == {"vision_feature_layers": (2,), "vision_feature_select_strategy": "full"}
+    assert (spec.vision.feature_layers, spec.vision.feature_select) == ((2,), "full")
     assert [p.attr for p in spec.vision.input_writers] == ["weight", "bias", "weight"]
     writers = {(p.module, p.attr, p.axis) for p in spec.language.input_writers}
     assert (core, "image_newline", -1) in writers and (core.multi_modal_projector.linear_2, "bias", 0) in writers

@@ -55,8 +55,8 @@ def test_structure_details(case, spec):
     final = spec.vision.final_norm
     assert final.module is visual.merger.ln_q and final.kind == "rmsnorm" and final.eps == 1e-6
     assert spec.vision.hidden_size == 32 and final.feeds[0].module.in_features == 128
-    window = spec.extra["vision_window_attention"]
-    assert window == {"window_size": 16, "full_attention_blocks": (1,)}
+    window = spec.vision.window_attention
+    assert (window.window_size, window.full_attention_blocks) == (16, (1,))
     assert spec.position_scheme == "mrope3d" and spec.image_token_ids == (250, 251)
 
 

@@ -4,8 +4,9 @@ DeepStack taps after vision blocks 0 and 1 that add into decoder layers 0 and 1.
 import pytest
 import torch
 
-from mquant.models.qwen3_vl import DeepstackTap, Qwen3VLAdapter
+from mquant.models.qwen3_vl import Qwen3VLAdapter
 from mquant.models.registry import adapter_for_model_type, get_adapter
+from mquant.models.spec import DeepstackTap
 from mquant.testing.spec_checks import check_linear_coverage, check_spec_against_forward
 from mquant.testing.tiny import tiny_case
 from mquant.testing.tiny.qwen2_vl import single_row
@@ -50,7 +51,7 @@ def test_structure_details(case, spec):
     lang_writers = {(p.module, p.attr) for p in spec.language.input_writers}
     for fc2 in [visual.merger.linear_fc2] + [m.linear_fc2 for m in visual.deepstack_merger_list]:
         assert {(fc2, "weight"), (fc2, "bias")} <= lang_writers
-    q_norm, k_norm = spec.extra["qk_norms"][1]
+    q_norm, k_norm = spec.language.blocks[1].attention.q_norm, spec.language.blocks[1].attention.k_norm
     assert q_norm.module is layers[1].self_attn.q_norm and k_norm.module is layers[1].self_attn.k_norm
     assert q_norm.kind == "rmsnorm" and q_norm.feeds == ()
     assert spec.language.blocks[0].attention.head_dim == 16
@@ -60,7 +61,7 @@ def test_structure_details(case, spec):
 
 
 def test_deepstack_taps_are_described_in_execution_order(case, spec):
-    taps = spec.extra["deepstack"]
+    taps = spec.projector.deepstack
     assert all(isinstance(t, DeepstackTap) for t in taps)
     assert [(t.vision_block, t.language_layer) for t in taps] == [(0, 0), (1, 1)]
     visual = case.model.model.visual
@@ -89,7 +90,7 @@ def _record(modules):
 
 
 def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, spec):
-    taps, visual = spec.extra["deepstack"], case.model.model.visual
+    taps, visual = spec.projector.deepstack, case.model.model.visual
     layers = [b.module for b in spec.language.blocks]
     tap_modules = [m for t in taps for m in (t.norm.module, t.module.linear_fc1, t.module.linear_fc2)]
     watched = list(visual.blocks) + layers + tap_modules

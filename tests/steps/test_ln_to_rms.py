@@ -43,13 +43,13 @@ def test_ln_to_rms_keeps_logits(family):
     assert vision["action"] == EXPECTED_VISION.get(family, vision["action"])
     assert info["language"]["action"] == "none"
     spec = get_adapter(case.model).validate(case.model)
-    kinds = {n.ref.kind for n in stream_norms(spec, spec.vision)}
+    kinds = {n.kind for n in stream_norms(spec, spec.vision)}
     if vision["action"] == "unified":
         assert kinds == {"rmsnorm"} and vision["writers_centred"] > 0
     if vision["action"] == "folded":
         assert "reason" in vision and "layernorm" in kinds
         for norm in stream_norms(spec, spec.vision):  # affine folded away, module kept
-            weight = getattr(norm.ref.module, "weight", None)
+            weight = getattr(norm.module, "weight", None)
             assert weight is None or bool((weight == 1).all())
 
 

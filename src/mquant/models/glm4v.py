@@ -3,16 +3,15 @@
 Vision (`model.model.visual`), in forward order:
   patch_embed.proj (Conv3d with bias) -> post_conv_layernorm (RMSNorm: the tower's input_norm)
   -> + embeddings.position_embedding (learned table, bicubically resampled; added *after* the input
-  norm, so it is the only input writer that bypasses it: `extra["vision_writers_after_input_norm"]`)
+  norm, so it is the only input writer that bypasses it: `TowerSpec.writers_after_input_norm`)
   -> blocks (RMSNorm norm1/norm2, fused qkv, bias-free proj, SwiGLU gate/up/down)
   -> post_layernorm (RMSNorm: final_norm) -> view as 2x2 merge units -> downsample (Conv2d,
   kernel = stride = merge, hidden -> out_hidden) -> merger.
 The downsample conv is the only reader of the final norm; NormRef.feeds can hold Linears only, so
-final_norm.feeds is empty and the conv is `extra["vision_final_norm_conv"]` (input axis 1; it acts as
-a Linear over the 4 concatenated patches in (row, col) order). It is not a raw reader (a norm is in
-between).
+final_norm.feeds is empty and the conv is `final_norm.param_feeds` (input axis 1; it acts as a Linear
+over the 4 concatenated patches in (row, col) order). It is not a raw reader (a norm is in between).
 Merger: proj (Linear) -> post_projection_norm (LayerNorm) -> GELU -> SwiGLU gate/up -> down. The
-LayerNorm sits mid-projector behind a GELU, so it folds into nothing: `extra["projector_inner_norm"]`.
+LayerNorm sits mid-projector behind a GELU, so it folds into nothing: `ProjectorSpec.inner_norms`.
 `down_proj` (role proj_out) writes the language stream: its weight (axis 0) is a language input
 writer.
 
@@ -31,7 +30,9 @@ from __future__ import annotations
 from torch import nn
 
 from mquant.models.base import ModelAdapter
-from mquant.models.qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
+from mquant.models.blocks import decoder_block, decoder_tower, fused_qkv_block
+from mquant.models.naming import ModuleNames
+from mquant.models.qwen2_vl import placeholder_ids
 from mquant.models.registry import register
 from mquant.models.spec import ModelSpec, ProjectorSpec, TowerSpec
 
@@ -42,51 +43,47 @@ class Glm4vAdapter(ModelAdapter):
     model_types = ("glm4v",)
 
     def spec(self, model: nn.Module) -> ModelSpec:
-        namer = Namer(model)
+        names = ModuleNames(model)
         visual = model.model.visual
         merger = visual.merger
-        position = namer.param(visual.embeddings.position_embedding, "weight", -1)
+        position = names.param(visual.embeddings.position_embedding, "weight", -1)
+        downsample = names.param(visual.downsample, "weight", 1)
         vision = TowerSpec(
             modality="vision",
-            name=namer.name(visual),
+            name=names.name(visual),
             module=visual,
             blocks=tuple(
-                vision_block(namer, b, (b.mlp.gate_proj, b.mlp.up_proj), b.mlp.down_proj) for b in visual.blocks
+                fused_qkv_block(names, b, (b.mlp.gate_proj, b.mlp.up_proj), b.mlp.down_proj) for b in visual.blocks
             ),
             hidden_size=visual.config.hidden_size,
-            input_writers=conv_writers(namer, visual.patch_embed.proj) + (position,),
-            input_norm=namer.norm(visual.post_conv_layernorm),
-            final_norm=namer.norm(visual.post_layernorm),
+            input_writers=names.writer_params(visual.patch_embed.proj) + (position,),
+            input_norm=names.norm(visual.post_conv_layernorm),
+            final_norm=names.norm(visual.post_layernorm, param_feeds=(downsample,)),
+            writers_after_input_norm=(position,),
         )
         projector = ProjectorSpec(
-            name=namer.name(merger),
+            name=names.name(merger),
             module=merger,
             groups=(
-                namer.group("proj_in", merger.proj),
-                namer.group("proj_in", merger.gate_proj, merger.up_proj),
-                namer.group("proj_out", merger.down_proj),
+                names.group("proj_in", merger.proj),
+                names.group("proj_in", merger.gate_proj, merger.up_proj),
+                names.group("proj_out", merger.down_proj),
             ),
+            merge_size=visual.spatial_merge_size,
+            inner_norms=(names.norm(merger.post_projection_norm),),
         )
+        lm = model.model.language_model
         blocks = tuple(
-            decoder_block(
-                namer, l, (l.mlp.gate_up_proj,), post_norms=(l.post_self_attn_layernorm, l.post_mlp_layernorm)
-            )
-            for l in model.model.language_model.layers
+            decoder_block(names, l, (l.mlp.gate_up_proj,), post_norms=(l.post_self_attn_layernorm, l.post_mlp_layernorm))
+            for l in lm.layers
         )
-        extra = {
-            "spatial_merge_size": visual.spatial_merge_size,
-            "vision_writers_after_input_norm": (position,),
-            "vision_final_norm_conv": namer.param(visual.downsample, "weight", 1),
-            "projector_inner_norm": namer.norm(merger.post_projection_norm),
-        }
         return ModelSpec(
             family=self.family,
             vision=vision,
             projector=projector,
-            language=language_tower(namer, model, blocks, (merger.down_proj,)),
+            language=decoder_tower(names, lm, model.lm_head, names.writer_params(merger.down_proj), blocks=blocks),
             image_token_ids=self.spec_token_ids(model),
             position_scheme="mrope3d",
-            extra=extra,
         )
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:

@@ -14,10 +14,11 @@ from __future__ import annotations
 from torch import nn
 
 from mquant.models.base import ModelAdapter
-from mquant.models.llava import decoder_tower_spec, linear_writers
+from mquant.models.blocks import decoder_tower
+from mquant.models.naming import ModuleNames
 from mquant.models.registry import register
 from mquant.models.spec import LinearGroup, ModelSpec, ProjectorSpec
-from mquant.models.vision_towers import ModuleNames, describe_vision_tower, vision_tower_spec
+from mquant.models.vision_towers import describe_vision_tower, vision_tower_spec
 
 
 @register
@@ -34,11 +35,11 @@ class Idefics3Adapter(ModelAdapter):
             family=self.family,
             vision=vision_tower_spec(parts, names, final_norm_feeds=(proj,)),
             projector=ProjectorSpec(name=names.name(core.connector), module=core.connector,
-                                    groups=(LinearGroup("proj_in", (names.linear(proj),)),)),
-            language=decoder_tower_spec(names, core.text_model, model.lm_head, linear_writers(names, proj)),
+                                    groups=(LinearGroup("proj_in", (names.linear(proj),)),),
+                                    merge_size=int(core.connector.scale_factor)),
+            language=decoder_tower(names, core.text_model, model.lm_head, names.writer_params(proj)),
             image_token_ids=self.spec_token_ids(model),
             position_scheme="rope1d",
-            extra={"pixel_shuffle_factor": int(core.connector.scale_factor)},
         )
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:

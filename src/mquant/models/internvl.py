@@ -20,10 +20,11 @@ from torch import nn
 
 from mquant.errors import UnsupportedModelError
 from mquant.models.base import ModelAdapter
-from mquant.models.llava import decoder_tower_spec, linear_writers
+from mquant.models.blocks import decoder_tower
+from mquant.models.naming import ModuleNames
 from mquant.models.registry import register
 from mquant.models.spec import LinearGroup, ModelSpec, ProjectorSpec
-from mquant.models.vision_towers import ModuleNames, describe_vision_tower, resolve_feature_layers, vision_tower_spec
+from mquant.models.vision_towers import describe_vision_tower, resolve_feature_layers, vision_tower_spec
 
 
 @register
@@ -48,18 +49,16 @@ class InternVLAdapter(ModelAdapter):
             groups=(LinearGroup("proj_in", (names.linear(proj.linear_1),)),
                     LinearGroup("proj_out", (names.linear(proj.linear_2),))),
             norm=names.norm(proj.layer_norm, (proj.linear_1,)),
+            merge_size=round(1 / cfg.downsample_ratio),
         )
         return ModelSpec(
             family=self.family,
-            vision=vision_tower_spec(parts, names),
+            vision=vision_tower_spec(parts, names, feature_layers=resolve_feature_layers(layer, parts.num_hidden_states),
+                                     feature_select=cfg.vision_feature_select_strategy),
             projector=projector,
-            language=decoder_tower_spec(names, core.language_model, model.lm_head,
-                                        linear_writers(names, proj.linear_2)),
+            language=decoder_tower(names, core.language_model, model.lm_head, names.writer_params(proj.linear_2)),
             image_token_ids=self.spec_token_ids(model),
             position_scheme="rope1d",
-            extra={"vision_feature_layers": resolve_feature_layers(layer, parts.num_hidden_states),
-                   "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-                   "pixel_shuffle_factor": round(1 / cfg.downsample_ratio)},
         )
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:

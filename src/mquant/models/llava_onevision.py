@@ -17,8 +17,8 @@ from __future__ import annotations
 from torch import nn
 
 from mquant.models.llava import LlavaAdapter
+from mquant.models.naming import ModuleNames
 from mquant.models.registry import register
-from mquant.models.vision_towers import ModuleNames
 
 
 @register

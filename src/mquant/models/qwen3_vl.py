@@ -11,44 +11,27 @@ output, no norm of the tower in between) is read by `deepstack_merger_list[i]`, 
 *after* the 2x2 concatenation (width 4*hidden, statistics over the four patches together), then
 `linear_fc1` -> GELU -> `linear_fc2`. Its output is added to the language residual stream at the
 visual positions right after decoder layer i. The spec carries these taps in
-`extra["deepstack"]` (DeepstackTap, in execution order); their linears are projector groups, listed
+`ProjectorSpec.deepstack` (DeepstackTap, in execution order); their linears are projector groups, listed
 in execution order (every tap's pair before the main merger's). Each fc2 (role "proj_out") writes the
 language stream, as does the main merger's linear_fc2: all their weights/biases (axis 0) are in
 language.input_writers, although the taps' add after decoder layers 0..k-1, not before layer 0.
 
 Language: Qwen3 decoder with per-head RMSNorm `q_norm`/`k_norm` after q_proj/k_proj (they read the
-projections, not the stream: `extra["qk_norms"]`, so q/k outputs cannot take an output rotation
-without them), SwiGLU MLP, interleaved 3-D M-RoPE.
+projections, not the stream: `AttentionRef.q_norm`/`k_norm`, so q/k outputs cannot take an output
+rotation without them), SwiGLU MLP, interleaved 3-D M-RoPE.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from torch import nn
 
 from mquant.errors import UnsupportedModelError
 from mquant.models.base import ModelAdapter
-from mquant.models.qwen2_vl import Namer, conv_writers, decoder_block, language_tower, placeholder_ids, vision_block
+from mquant.models.blocks import decoder_block, decoder_tower, fused_qkv_block
+from mquant.models.naming import ModuleNames
+from mquant.models.qwen2_vl import placeholder_ids
 from mquant.models.registry import register
-from mquant.models.spec import LinearGroup, ModelSpec, NormRef, ProjectorSpec, TowerSpec
-
-
-@dataclass(frozen=True)
-class DeepstackTap:
-    """One DeepStack reader of the vision stream that writes into the language stream.
-
-    `norm` has width merge**2 * vision hidden and feeds `groups[0]` (its whole input): a rotation of
-    the vision stream by Q reaches it as block-diag(Q, ..., Q) (merge**2 copies), which keeps the
-    norm's statistics only after LayerNorm unification (mean-free patches) and folding the norm's
-    affine into fc1. `groups[-1]` writes the language stream after decoder layer `language_layer`."""
-
-    name: str
-    module: nn.Module
-    vision_block: int  # reads the output of this vision block (hidden_states[vision_block + 1])
-    norm: NormRef
-    groups: tuple[LinearGroup, ...]
-    language_layer: int
+from mquant.models.spec import DeepstackTap, ModelSpec, ProjectorSpec, TowerSpec
 
 
 class Qwen3VLAdapter(ModelAdapter):
@@ -57,63 +40,62 @@ class Qwen3VLAdapter(ModelAdapter):
     model_types = ("qwen3_vl",)
 
     def spec(self, model: nn.Module) -> ModelSpec:
-        namer = Namer(model)
+        names = ModuleNames(model)
         visual = model.model.visual
         merger = visual.merger
         vision = TowerSpec(
             modality="vision",
-            name=namer.name(visual),
+            name=names.name(visual),
             module=visual,
-            blocks=tuple(vision_block(namer, b, (b.mlp.linear_fc1,), b.mlp.linear_fc2) for b in visual.blocks),
+            blocks=tuple(fused_qkv_block(names, b, (b.mlp.linear_fc1,), b.mlp.linear_fc2) for b in visual.blocks),
             hidden_size=visual.config.hidden_size,
-            input_writers=conv_writers(namer, visual.patch_embed.proj) + (namer.param(visual.pos_embed, "weight", -1),),
-            final_norm=namer.norm(merger.norm, [merger.linear_fc1]),
+            input_writers=names.writer_params(visual.patch_embed.proj) + (names.param(visual.pos_embed, "weight", -1),),
+            final_norm=names.norm(merger.norm, [merger.linear_fc1]),
         )
-        taps = self._deepstack(namer, visual)
-        main = (namer.group("proj_in", merger.linear_fc1), namer.group("proj_out", merger.linear_fc2))
+        taps = self._deepstack(names, visual)
+        main = (names.group("proj_in", merger.linear_fc1), names.group("proj_out", merger.linear_fc2))
         projector = ProjectorSpec(
-            name=namer.name(merger),
+            name=names.name(merger),
             module=merger,
             groups=tuple(g for tap in taps for g in tap.groups) + main,
+            merge_size=visual.spatial_merge_size,
+            deepstack=taps,
         )
-        layers = model.model.language_model.layers
-        blocks = tuple(decoder_block(namer, l, (l.mlp.gate_proj, l.mlp.up_proj)) for l in layers)
+        lm = model.model.language_model
+        blocks = tuple(decoder_block(names, l, qk_norms=True) for l in lm.layers)
         # Every linear writing the language stream: the main merger (at the placeholders, before
         # layer 0) and each tap's fc2 (at the same positions, after its decoder layer). A rotation of
         # the stream applies to all alike, so the taps' writers are listed with the input writers.
         writers = (merger.linear_fc2,) + tuple(tap.module.linear_fc2 for tap in taps)
-        qk_norms = tuple(
-            (namer.norm(l.self_attn.q_norm), namer.norm(l.self_attn.k_norm)) for l in layers
-        )
         return ModelSpec(
             family=self.family,
             vision=vision,
             projector=projector,
-            language=language_tower(namer, model, blocks, writers),
+            language=decoder_tower(names, lm, model.lm_head, tuple(p for w in writers for p in names.writer_params(w)),
+                                   blocks=blocks),
             image_token_ids=self.spec_token_ids(model),
             position_scheme="mrope3d",
-            extra={"spatial_merge_size": visual.spatial_merge_size, "deepstack": taps, "qk_norms": qk_norms},
         )
 
     def spec_token_ids(self, model: nn.Module) -> tuple[int, ...]:
         return placeholder_ids(model.config, "image_token_id", "video_token_id")
 
     @staticmethod
-    def _deepstack(namer: Namer, visual: nn.Module) -> tuple[DeepstackTap, ...]:
+    def _deepstack(names: ModuleNames, visual: nn.Module) -> tuple[DeepstackTap, ...]:
         indexes = [int(i) for i in visual.deepstack_visual_indexes]
         taps = []
         # Taps run in vision-block order; the k-th to run (not merger k) adds into decoder layer k.
         for layer, block in enumerate(sorted(indexes)):
             ds = visual.deepstack_merger_list[indexes.index(block)]
             if not ds.use_postshuffle_norm:
-                raise UnsupportedModelError(f"{namer.name(ds)} normalizes before the 2x2 concatenation; expected after")
+                raise UnsupportedModelError(f"{names.name(ds)} normalizes before the 2x2 concatenation; expected after")
             taps.append(
                 DeepstackTap(
-                    name=namer.name(ds),
+                    name=names.name(ds),
                     module=ds,
                     vision_block=block,
-                    norm=namer.norm(ds.norm, [ds.linear_fc1]),
-                    groups=(namer.group("proj_in", ds.linear_fc1), namer.group("proj_out", ds.linear_fc2)),
+                    norm=names.norm(ds.norm, [ds.linear_fc1]),
+                    groups=(names.group("proj_in", ds.linear_fc1), names.group("proj_out", ds.linear_fc2)),
                     language_layer=layer,
                 )
             )

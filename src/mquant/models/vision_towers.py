@@ -28,79 +28,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from mquant.errors import UnsupportedModelError
-from mquant.models.spec import (AttentionRef, BlockSpec, LayerScaleRef, LinearGroup, LinearRef, NormRef,
-                   ResidualParam, TowerSpec)
-
-
-class ModuleNames:
-    """Qualified names of a model's modules, so specs carry report-ready names without string lookups."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._names = {id(m): n for n, m in model.named_modules()}
-
-    def name(self, module: nn.Module) -> str:
-        if id(module) not in self._names:
-            raise AttributeError(f"{type(module).__name__} is not a submodule of the model")
-        return self._names[id(module)]
-
-    def linear(self, module: nn.Module, rows: slice | None = None) -> LinearRef:
-        return LinearRef(self.name(module), module, rows)
-
-    def norm(self, module: nn.Module, feeds: tuple[nn.Module, ...] | tuple[LinearRef, ...]) -> NormRef:
-        refs = tuple(f if isinstance(f, LinearRef) else self.linear(f) for f in feeds)
-        kind, eps = norm_kind(module)
-        return NormRef(self.name(module), module, kind, eps, refs)
-
-    def param(self, module: nn.Module, attr: str, axis: int) -> ResidualParam:
-        return ResidualParam(f"{self.name(module)}.{attr}", module, attr, axis)
-
-
-def norm_kind(module: nn.Module) -> tuple[str, float]:
-    """("layernorm" | "rmsnorm", eps) of a normalization module; anything else is unsupported."""
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm", float(module.eps)
-    if isinstance(module, nn.RMSNorm) or type(module).__name__.endswith("RMSNorm"):
-        eps = getattr(module, "variance_epsilon", None)
-        if eps is None:
-            eps = getattr(module, "eps", None)
-        if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon; we cannot fold that exactly
-            raise TypeError(f"{type(module).__name__} has no explicit eps")
-        return "rmsnorm", float(eps)
-    raise TypeError(f"{type(module).__name__} is neither a LayerNorm nor an RMSNorm")
-
-
-def attention_block(
-    names: ModuleNames,
-    layer: nn.Module,
-    *,
-    norm1: nn.Module,
-    qkv: tuple[nn.Linear, nn.Linear, nn.Linear],
-    out: nn.Linear,
-    norm2: nn.Module,
-    mlp_in: tuple[nn.Linear, ...],
-    mlp_out: nn.Linear,
-    head_dim: int,
-    scales: tuple[tuple[nn.Module, str, nn.Linear], ...] = (),
-) -> BlockSpec:
-    """A pre-norm transformer block: norm1 -> q/k/v, out; norm2 -> mlp_in, mlp_out (both writers)."""
-    q, k, v = (names.linear(m) for m in qkv)
-    o, down = names.linear(out), names.linear(mlp_out)
-    ups = tuple(names.linear(m) for m in mlp_in)
-    groups = (
-        LinearGroup("attn_in", (q, k, v)),
-        LinearGroup("attn_out", (o,)),
-        LinearGroup("mlp_in", ups),
-        LinearGroup("mlp_out", (down,)),
-    )
-    attention = AttentionRef(q, k, v, o, q.module.out_features // head_dim, k.module.out_features // head_dim, head_dim)
-    layer_scales = tuple(
-        LayerScaleRef(f"{names.name(mod)}.{attr}", mod, attr, names.linear(writer)) for mod, attr, writer in scales
-    )
-    return BlockSpec(
-        name=names.name(layer), module=layer, groups=groups,
-        norms=(names.norm(norm1, (q, k, v)), names.norm(norm2, ups)),
-        residual_writers=(o, down), attention=attention, mlp_out=down, layer_scales=layer_scales,
-    )
+from mquant.models.blocks import attention_block
+from mquant.models.naming import ModuleNames
+from mquant.models.spec import BlockSpec, FeatureSelect, NormRef, ResidualParam, TowerSpec
 
 
 @dataclass(frozen=True)
@@ -116,13 +46,6 @@ class VisionTowerParts:
     num_hidden_states: int  # len(hidden_states) the tower returns: layers + 1
 
 
-def _conv_writers(names: ModuleNames, conv: nn.Conv2d) -> list[ResidualParam]:
-    writers = [names.param(conv, "weight", 0)]
-    if conv.bias is not None:
-        writers.append(names.param(conv, "bias", 0))
-    return writers
-
-
 def _clip_like_block(names: ModuleNames, layer: nn.Module) -> BlockSpec:
     att, mlp = layer.self_attn, layer.mlp
     return attention_block(
@@ -133,7 +56,7 @@ def _clip_like_block(names: ModuleNames, layer: nn.Module) -> BlockSpec:
 
 def _clip_parts(names: ModuleNames, tower: nn.Module) -> VisionTowerParts:
     emb = tower.embeddings
-    writers = _conv_writers(names, emb.patch_embedding)
+    writers = list(names.writer_params(emb.patch_embedding))
     writers += [names.param(emb, "class_embedding", -1), names.param(emb.position_embedding, "weight", -1)]
     return VisionTowerParts(
         tower, tuple(_clip_like_block(names, layer) for layer in tower.encoder.layers), tower.config.hidden_size,
@@ -145,7 +68,7 @@ def _siglip_parts(names: ModuleNames, tower: nn.Module) -> VisionTowerParts:
     # An attention-pooling head (vision_use_head=True) is left out: it reads the post-norm output
     # and every VLM here discards its result, so it stays float and untouched by transforms.
     emb = tower.embeddings
-    writers = _conv_writers(names, emb.patch_embedding) + [names.param(emb.position_embedding, "weight", -1)]
+    writers = list(names.writer_params(emb.patch_embedding)) + [names.param(emb.position_embedding, "weight", -1)]
     return VisionTowerParts(
         tower, tuple(_clip_like_block(names, layer) for layer in tower.encoder.layers), tower.config.hidden_size,
         tuple(writers), None, tower.post_layernorm, len(tower.encoder.layers) + 1,
@@ -167,7 +90,7 @@ def _dinov2_block(names: ModuleNames, layer: nn.Module) -> BlockSpec:
 
 def _dinov2_parts(names: ModuleNames, tower: nn.Module) -> VisionTowerParts:
     emb = tower.embeddings
-    writers = _conv_writers(names, emb.patch_embeddings.projection)
+    writers = list(names.writer_params(emb.patch_embeddings.projection))
     writers += [names.param(emb, "cls_token", -1), names.param(emb, "position_embeddings", -1)]
     if emb.mask_token is not None:  # replaces patch embeddings in masked pre-training only
         writers.append(names.param(emb, "mask_token", -1))
@@ -189,7 +112,7 @@ def _internvit_block(names: ModuleNames, layer: nn.Module) -> BlockSpec:
 
 def _internvit_parts(names: ModuleNames, tower: nn.Module) -> VisionTowerParts:
     emb = tower.embeddings
-    writers = _conv_writers(names, emb.patch_embeddings.projection) + [names.param(emb, "cls_token", -1)]
+    writers = list(names.writer_params(emb.patch_embeddings.projection)) + [names.param(emb, "cls_token", -1)]
     if emb.position_embeddings is not None:
         writers.append(names.param(emb, "position_embeddings", -1))
     if emb.mask_token is not None:
@@ -242,11 +165,14 @@ def vision_tower_spec(
     *,
     final_norm_feeds: tuple[nn.Linear, ...] | None = None,
     raw_readers: tuple[nn.Linear, ...] = (),
+    feature_layers: tuple[int, ...] = (),
+    feature_select: FeatureSelect | None = None,
 ) -> TowerSpec:
     """TowerSpec for a VLM that reads the tower either through its final norm (`final_norm_feeds`:
     the linears reading the post-norm output, k×hidden wide after pixel shuffle) or raw
-    (`raw_readers`: linears reading `hidden_states[k]`). A final norm whose output nobody reads is
-    left out of the spec (its output is discarded, so transforms need not preserve it)."""
+    (`raw_readers`: linears reading `hidden_states[k]` for k in `feature_layers`, resolved with
+    `resolve_feature_layers`). A final norm whose output nobody reads is left out of the spec (its
+    output is discarded, so transforms need not preserve it)."""
     final = None
     if final_norm_feeds is not None:
         if parts.final_norm_module is None:
@@ -256,4 +182,5 @@ def vision_tower_spec(
         modality="vision", name=names.name(parts.module), module=parts.module, blocks=parts.blocks,
         hidden_size=parts.hidden_size, input_writers=parts.input_writers, final_norm=final,
         input_norm=parts.input_norm, raw_readers=tuple(names.linear(m) for m in raw_readers),
+        feature_layers=feature_layers, feature_select=feature_select,
     )

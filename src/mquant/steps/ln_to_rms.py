@@ -37,11 +37,11 @@ def _why_not_centre(spec: ModelSpec, tower: TowerSpec) -> str | None:
         return (f"raw reader(s) {raw} read the un-normalized stream: centring it would change their input; "
                 "LayerNorms kept (γ/β folded) and rotate uses a mean-preserving rotation")
     norms = stream_norms(spec, tower)
-    wide = [n.ref.name for n in norms if n.ref.kind == "layernorm" and norm_width(n.ref.module) != tower.hidden_size]
+    wide = [n.name for n in norms if n.kind == "layernorm" and norm_width(n.module) != tower.hidden_size]
     if wide:
         return (f"LayerNorm(s) {wide} normalize k concatenated stream vectors with one joint mean: centring each "
                 "vector would change their input; LayerNorms kept (γ/β folded) and rotate uses a mean-preserving rotation")
-    rms = [n.ref.name for n in norms if n.ref.kind != "layernorm"]
+    rms = [n.name for n in norms if n.kind != "layernorm"]
     if tower.input_norm is not None and tower.input_norm.kind != "layernorm":
         rms.append(tower.input_norm.name)
     if rms:
@@ -72,7 +72,7 @@ def unify_tower(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> dict:
     """Unify one tower in place; returns what was done and why (JSON-able)."""
     norms = stream_norms(spec, tower)
     has_input_ln = tower.input_norm is not None and tower.input_norm.kind == "layernorm"
-    layernorms = [n for n in norms if n.ref.kind == "layernorm"]
+    layernorms = [n for n in norms if n.kind == "layernorm"]
     if not layernorms and not has_input_ln:
         return {"action": "none", "reason": "no LayerNorm reads this stream"}
     problem = norm_problem(spec, tower)
@@ -89,10 +89,10 @@ def unify_tower(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> dict:
     if centre:
         info["writers_centred"] = _centre_writers(tower)
         for norm in layernorms:
-            replace_with_rmsnorm(model, norm.ref)
-        info.update(action="unified", layernorms_replaced=[n.ref.name for n in layernorms])
+            replace_with_rmsnorm(model, norm)
+        info.update(action="unified", layernorms_replaced=[n.name for n in layernorms])
     else:
-        info.update(action="folded", reason=why_not, layernorms_kept=[n.ref.name for n in layernorms])
+        info.update(action="folded", reason=why_not, layernorms_kept=[n.name for n in layernorms])
     info["biases_added"] = biases
     return info
 

@@ -15,14 +15,12 @@ structural record that lets `load_quantized` rebuild the edited module tree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mquant.models.spec import ModelSpec, NormRef, ResidualParam, TowerSpec
 from mquant.errors import ConfigError
+from mquant.models.spec import ModelSpec, NormRef, TowerSpec
 from mquant.steps.fold import ensure_bias, fold_affine_into_linear, fold_layer_scale, fold_scale_into_param
 from mquant.steps.structure import record_structure, recorded_structure, register_replay
 
@@ -110,41 +108,32 @@ def is_identity_affine(norm: NormRef) -> bool:
 
 
 # ---- which norms read a residual stream ----------------------------------------------------------
-@dataclass(frozen=True)
-class StreamNorm:
-    """A norm reading the stream; `params` are its non-Linear readers (a downsampling conv)."""
-
-    ref: NormRef
-    params: tuple[ResidualParam, ...] = ()
-
-    @property
-    def foldable(self) -> bool:
-        return bool(self.ref.feeds or self.params)
-
-
-def stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[StreamNorm]:
-    """Every norm whose input is `tower`'s residual stream (the input norm excluded: it writes it).
-
-    Beyond the typed fields this reads the adapters' `extra` conventions: Qwen3-VL DeepStack taps
-    (`extra["deepstack"]`, norms of 4·hidden over 2×2 patches), GLM-4V's downsample conv fed by the
-    vision final norm (`extra["vision_final_norm_conv"]`), and a projector input norm when the
-    vision tower has no final norm of its own (it then reads the raw stream, k chunks wide)."""
-    out = [StreamNorm(norm) for block in tower.blocks for norm in block.norms]
+def stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[NormRef]:
+    """Every norm whose input is `tower`'s residual stream (the input norm excluded: it writes it):
+    the blocks' pre-norms, the final norm (GLM-4V's also feeds its downsample conv: `param_feeds`),
+    and for the vision tower the DeepStack taps' norms (4·hidden over 2×2 patches) and a projector
+    input norm when the tower has no final norm of its own (it then reads the raw stream, k chunks
+    wide)."""
+    out = [norm for block in tower.blocks for norm in block.norms]
     if tower.final_norm is not None:
-        conv = spec.extra.get("vision_final_norm_conv") if tower.modality == "vision" else None
-        out.append(StreamNorm(tower.final_norm, (conv,) if conv is not None else ()))
+        out.append(tower.final_norm)
     if tower.modality == "vision":
-        out += [StreamNorm(tap.norm) for tap in spec.extra.get("deepstack", ())]
+        out += [tap.norm for tap in spec.projector.deepstack]
         if tower.final_norm is None and spec.projector.norm is not None:
-            out.append(StreamNorm(spec.projector.norm))
+            out.append(spec.projector.norm)
     return out
+
+
+def _foldable(norm: NormRef) -> bool:
+    """The spec names every module the norm feeds, so its affine part has somewhere to go."""
+    return bool(norm.feeds or norm.param_feeds)
 
 
 def norm_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:
     """Why the stream of `tower` cannot be transformed exactly, or None."""
     if any(block.post_norms for block in tower.blocks):
         return "sandwich post-norms normalize sub-layer outputs before the residual add, so the stream is not computationally invariant"
-    unread = [n.ref.name for n in stream_norms(spec, tower) if not n.foldable]
+    unread = [n.name for n in stream_norms(spec, tower) if not _foldable(n)]
     if unread:
         return f"norm(s) {unread} feed modules the spec does not describe, so their affine part cannot be folded"
     if tower.modality == "vision" and tower.final_norm is not None and spec.projector.norm is not None:
@@ -153,26 +142,26 @@ def norm_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:
 
 
 # ---- folding ---------------------------------------------------------------------------------------
-def fold_norm(model: nn.Module, norm: StreamNorm) -> list[str]:
+def fold_norm(model: nn.Module, norm: NormRef) -> list[str]:
     """Fold the norm's γ/β into everything it feeds and make its affine part the identity.
     Returns the names of linears that needed a new bias (β ≠ 0 into a bias-free linear)."""
-    gamma, beta = norm_affine(norm.ref)
-    if is_identity_affine(norm.ref):
+    gamma, beta = norm_affine(norm)
+    if is_identity_affine(norm):
         return []
-    gamma = gamma if gamma is not None else torch.ones(norm_width(norm.ref.module), dtype=torch.float64)
+    gamma = gamma if gamma is not None else torch.ones(norm_width(norm.module), dtype=torch.float64)
     added, seen = [], set()
-    for ref in norm.ref.feeds:
+    for ref in norm.feeds:
         if id(ref.module) in seen:  # a fused qkv listed once per row slice is folded once
             continue
         seen.add(id(ref.module))
         if fold_affine_into_linear(ref.module, gamma, beta):
             add_bias(model, ref.module, ref.name, True)
             added.append(ref.name)
-    for param in norm.params:
+    for param in norm.param_feeds:
         if beta is not None and bool(beta.ne(0).any()):
-            raise ConfigError(f"{norm.ref.name} has a bias but feeds {param.name}, which cannot absorb it; this model is not supported by the transform")
+            raise ConfigError(f"{norm.name} has a bias but feeds {param.name}, which cannot absorb it; this model is not supported by the transform")
         fold_scale_into_param(param, gamma)
-    reset_affine(norm.ref)
+    reset_affine(norm)
     return added
 
 

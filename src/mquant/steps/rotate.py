@@ -37,7 +37,7 @@ def tower_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:
     if not hadamard_supported(tower.hidden_size):
         return f"no Hadamard matrix of size {tower.hidden_size} is available"
     if tower.modality == "vision" and not (tower.final_norm or tower.raw_readers or tower.raw_reader_params
-                                            or spec.projector.norm or spec.extra.get("deepstack")):
+                                            or spec.projector.norm or spec.projector.deepstack):
         return "the spec names no reader of the vision stream's output"
     return None
 
@@ -57,8 +57,8 @@ def prepare_tower(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> dict:
 
 def needs_mean_preserving(spec: ModelSpec, tower: TowerSpec) -> list[str]:
     """Names of LayerNorms (kept as such) that read or start this stream."""
-    names = [n.ref.name for n in stream_norms(spec, tower) if n.ref.kind == "layernorm"]
-    if tower.input_norm is not None and isinstance(tower.input_norm.module, nn.LayerNorm):
+    names = [n.name for n in stream_norms(spec, tower) if n.kind == "layernorm"]
+    if tower.input_norm is not None and tower.input_norm.kind == "layernorm":
         names.append(tower.input_norm.name)
     return names
 
@@ -81,9 +81,9 @@ def rotate_tower(spec: ModelSpec, tower: TowerSpec, q) -> None:
     for ref in _unique(w for block in tower.blocks for w in block.residual_writers):
         rotate_writer(ref.module, q)
     norms = stream_norms(spec, tower)
-    for ref in _unique(f for n in norms for f in n.ref.feeds):
+    for ref in _unique(f for n in norms for f in n.feeds):
         rotate_reader(ref.module, q)
-    for param in [p for n in norms for p in n.params] + list(tower.raw_reader_params):
+    for param in [p for n in norms for p in n.param_feeds] + list(tower.raw_reader_params):
         rotate_param(param, q)
     for ref in _unique(tower.raw_readers):
         rotate_reader(ref.module, q)

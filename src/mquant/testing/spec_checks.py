@@ -5,12 +5,13 @@ stream"); structure alone cannot prove it. These checks run the model once with 
 module the spec names and compare the tensors that actually flow:
 
 - each NormRef's output is the input of every linear in `feeds` (k×width feeds: every width-chunk of
-  the linear input is a row of the norm output, i.e. pixel shuffle / merger only regroups rows);
+  the linear input is a row of the norm output, i.e. pixel shuffle / merger only regroups rows), and
+  every row of a `param_feeds` module's input (GLM-4V's downsample conv) is a norm output row;
 - the linears of one group receive the identical input tensor;
 - block output − block input = Σ residual writers' outputs (× layer scale, or through a post-norm);
 - input_norm's output is block 0's input, final_norm's input is the last block's output;
 - raw readers read the raw stream: every chunk of their input is a row of one captured stream state
-  (stream start or a block output), and the index found matches `extra["vision_feature_layers"]`
+  (stream start or a block output), and the index found matches `TowerSpec.feature_layers`
   (non-negative hidden-state indices: 0 = stream entering block 0, i = output of block i-1);
 - a projector input norm reads the vision final norm's output, or the raw stream when there is none;
 - the visual token mask marks exactly the positions whose language input is not the word embedding.
@@ -101,6 +102,8 @@ def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
             rec.watch(norm.module)
             for ref in norm.feeds:
                 rec.watch(ref.module)
+            for param in norm.param_feeds:
+                rec.watch(param.module)
         for ref in tower.raw_readers:
             rec.watch(ref.module)
         for param in tower.raw_reader_params:
@@ -138,6 +141,13 @@ def _check_norm_feeds(rec: _Recorder, norm: NormRef, width: int, where: str) -> 
             found = all(_rows_found(_chunks(x, width), rows) for x in ins)
             k = ref.module.in_features // width
             assert found, f"{what}: the {k} chunks of the linear input are not norm output rows"
+    for param in norm.param_feeds:  # a merging conv: its input channels are norm output rows
+        ins = rec.inputs.get(id(param.module), [])
+        what = f"{where}: norm {norm.name} -> {param.name}"
+        assert outs and ins, f"{what}: not both called during the forward pass"
+        rows = torch.cat([_chunks(y, width) for y in outs])
+        found = all(_rows_found(_chunks(x if x.shape[-1] == width else x.movedim(1, -1), width), rows) for x in ins)
+        assert found, f"{what}: its input is not made of norm output rows"
 
 
 def _check_groups(rec: _Recorder, groups, where: str) -> None:
@@ -220,11 +230,11 @@ def _check_tower(rec: _Recorder, tower: TowerSpec, spec: ModelSpec) -> None:
                       f"{where}: final_norm {tower.final_norm.name} input vs last block output")
         _check_norm_feeds(rec, tower.final_norm, tower.hidden_size, where)
     states = _stream_states(rec, tower) if (tower.raw_readers or tower.raw_reader_params) else []
-    expected = spec.extra.get(f"{tower.modality}_feature_layers")
+    expected = tower.feature_layers
     for ref in tower.raw_readers:
         x = rec.first_in(ref.module, ref.name)
         layers = _reader_layers(x, states, tower.hidden_size, f"{where}: raw reader {ref.name}")
-        if expected is not None:
+        if expected:
             ok = len(layers) == len(expected) and all(e in hits for e, hits in zip(expected, layers))
             assert ok, f"{where}: {ref.name} reads hidden_states{layers}, spec says {list(expected)}"
     for param in tower.raw_reader_params:
@@ -247,8 +257,8 @@ def _check_projector_norm(rec: _Recorder, spec: ModelSpec) -> None:
         assert found, f"{where}: norm {norm.name} input is not made of vision final-norm output rows"
         return
     layers = _reader_layers(x, _stream_states(rec, vision), vision.hidden_size, f"{where}: norm {norm.name}")
-    declared = spec.extra.get("vision_feature_layers")
-    if declared is not None:
+    declared = vision.feature_layers
+    if declared:
         expected = list(declared) * (len(layers) // len(declared))  # pixel shuffle: k chunks of one layer
         ok = all(e in hits for e, hits in zip(expected, layers))
         assert ok, f"{where}: norm {norm.name} reads hidden_states{layers}, spec says {list(declared)}"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from mquant.models.norm_kind import norm_kind
 from mquant.testing.tiny import TinyCase, register_tiny
 
 VOCAB = 256
@@ -26,8 +27,7 @@ def perturb_affines(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for mod in model.modules():
-            kind = type(mod).__name__
-            if isinstance(mod, nn.LayerNorm) or kind.endswith("RMSNorm") or kind.endswith("LayerScale"):
+            if norm_kind(mod) is not None or type(mod).__name__.endswith("LayerScale"):
                 for name, param in mod.named_parameters(recurse=False):
                     base = 0.0 if name == "bias" else 1.0
                     param.copy_(base + 0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
