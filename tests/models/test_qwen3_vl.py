@@ -1,42 +1,14 @@
 """Qwen3-VL adapter on a tiny random Qwen3VLForConditionalGeneration (real transformers class), with
-DeepStack taps after vision blocks 0 and 1 that add into decoder layers 0 and 1."""
+DeepStack taps after vision blocks 0 and 1 that add into decoder layers 0 and 1. The checks every
+adapter passes (coverage of every tower, merger and DeepStack linear included) are in
+test_adapter_suite.py."""
 
-import pytest
 import torch
 
 from mquant.models.qwen3_vl import Qwen3VLAdapter
-from mquant.models.registry import adapter_for_model_type, get_adapter
 from mquant.models.spec import DeepstackTap
-from mquant.testing.spec_checks import check_linear_coverage, check_spec_against_forward
-from mquant.testing.tiny import tiny_case
-from mquant.testing.tiny.qwen2_vl import single_row
 
-BATCHES = [{}, {"padding": True, "text_only_row": True, "batch_size": 3}]
-
-
-@pytest.fixture(scope="module")
-def case():
-    return tiny_case("qwen3_vl")
-
-
-@pytest.fixture(scope="module")
-def spec(case):
-    return Qwen3VLAdapter().validate(case.model)
-
-
-def test_adapter_resolves_by_class_and_model_type(case):
-    assert isinstance(get_adapter(case.model), Qwen3VLAdapter)
-    assert isinstance(adapter_for_model_type(case.model.config.model_type), Qwen3VLAdapter)
-
-
-def test_every_tower_merger_and_deepstack_linear_is_in_one_group(case, spec):
-    core = case.model.model
-    check_linear_coverage(spec, [core.visual, core.language_model.layers], exclude=[case.model.lm_head])
-
-
-@pytest.mark.parametrize("kwargs", BATCHES)
-def test_spec_matches_forward_dataflow(case, kwargs):
-    check_spec_against_forward(case.model, Qwen3VLAdapter(), case.batch(**kwargs))
+FAMILY, ADAPTER = "qwen3_vl", Qwen3VLAdapter  # for conftest.py's case / spec
 
 
 def test_structure_details(case, spec):
@@ -73,35 +45,15 @@ def test_deepstack_taps_are_described_in_execution_order(case, spec):
         assert spec.projector.groups[2 * i : 2 * i + 2] == tap.groups
 
 
-def _record(modules):
-    """First input and output of each module during one forward pass."""
-    ins, outs, handles = {}, {}, []
-
-    def pre(mod, args, kwargs):
-        ins.setdefault(mod, args[0] if args else kwargs["hidden_states"])
-
-    def post(mod, args, out):
-        outs.setdefault(mod, out)
-
-    for m in modules:
-        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(post))
-    return ins, outs, handles
-
-
-def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, spec):
+def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, spec, record_first_io):
     taps, visual = spec.projector.deepstack, case.model.model.visual
     layers = [b.module for b in spec.language.blocks]
     tap_modules = [m for t in taps for m in (t.norm.module, t.module.linear_fc1, t.module.linear_fc2)]
     watched = list(visual.blocks) + layers + tap_modules
-    ins, outs, handles = _record(watched)
+    ins, outs = record_first_io(watched)
     batch = case.batch(padding=True, text_only_row=True, batch_size=3)
-    try:
-        with torch.no_grad():
-            case.model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        case.model(**batch)
     mask = Qwen3VLAdapter().visual_token_mask(case.model, batch["input_ids"])
     for tap in taps:
         # Raw stream in: the tap's norm reads the block output regrouped as 2x2 units (no norm between).
@@ -113,26 +65,3 @@ def test_deepstack_taps_read_the_raw_stream_and_write_the_language_stream(case, 
         delta = ins[layers[layer + 1]] - outs[layers[layer]]
         torch.testing.assert_close(delta[mask], outs[tap.module.linear_fc2], rtol=1e-5, atol=1e-6)
         assert delta[~mask].abs().max() == 0
-
-
-def test_visual_token_mask_counts_merged_patches(case):
-    batch = case.batch(padding=True, text_only_row=True, batch_size=3)
-    mask = Qwen3VLAdapter().visual_token_mask(case.model, batch["input_ids"])
-    expected = int(batch["image_grid_thw"].prod(dim=1).sum()) // 4
-    assert int(mask.sum()) == expected == int((batch["mm_token_type_ids"] == 1).sum())
-    assert not mask[2].any()
-
-
-@pytest.mark.parametrize("attn,padding", [("eager", False), ("sdpa", True)])
-def test_float64_mixed_batch_matches_rows_run_alone(attn, padding):
-    # Padded float64 runs use SDPA: see test_qwen2_vl.py (eager softmax in float32 turns pad rows NaN).
-    case = tiny_case("qwen3_vl", dtype=torch.float64)
-    case.model.set_attn_implementation(attn)
-    batch = case.batch(padding=padding, text_only_row=True, batch_size=3)
-    with torch.no_grad():
-        logits = case.model(**batch).logits
-        for row in (1, 2):
-            alone = case.model(**single_row(batch, row)).logits[0]
-            keep = batch["attention_mask"][row].bool()
-            torch.testing.assert_close(logits[row, keep], alone, rtol=1e-9, atol=1e-9)
-    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
