@@ -35,14 +35,18 @@ MODEL_ARG = typer.Argument(None, help="Hub id, local model directory, or a direc
 
 
 def emit(payload: dict[str, Any], as_json: bool, human: str | None = None) -> None:
+    """`--json`: one JSON line. Otherwise `human` through rich on a terminal; to a pipe or a file as
+    plain text, never wrapped (rich wraps at the terminal width even when stdout is not one)."""
     if as_json:
         sys.stdout.write(json.dumps(payload, default=str) + "\n")
-    elif human is not None:
+    elif human is not None and sys.stdout.isatty():
         Console().print(human)
+    elif human is not None:
+        sys.stdout.write(human + "\n")
 
 
 def _log(line: str) -> None:
-    err.print(line, highlight=False)
+    err.print(line, highlight=False, soft_wrap=True)
 
 
 def _progress() -> BlockProgress:
@@ -184,7 +188,8 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(1)
     except MemoryError:
-        err.print("error: out of memory; use fewer calibration samples (--n-calib) or a machine with more memory", markup=False)
+        err.print("error: out of memory; use fewer calibration samples (--n-calib) or a machine with more memory", markup=False,
+                  highlight=False, soft_wrap=True)
         sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)
