@@ -19,7 +19,7 @@ import torch
 from mquant.api import quantize
 from mquant.calib.data import build_calibration_inputs
 from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
-from mquant.core.qlinear import QuantLinear
+from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
 from mquant.errors import ConfigError
 from mquant.eval.easyvqa import answer_items, easyvqa_accuracy_of
@@ -41,18 +41,6 @@ class VariantResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all weights as they would be stored: int4 codes count half a byte each."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.quantized:
-            codes = module.qweight.numel() * (0.5 if module.weight_bits == 4 else 1)
-            total += int(codes) + module.w_scale.numel() * 4 + (0 if module.bias is None else module.bias.numel() * 4)
-        elif not list(module.children()):
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-    return total
 
 
 class Evaluator:
@@ -78,7 +66,7 @@ class Evaluator:
         else:
             accuracy, logits = self._answer(model)
             fid = next_token_fidelity(self.ref_logits, logits)
-            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], weight_bytes(model)
+            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], stored_bytes(model)
         return VariantResult(name, scheme, accuracy, kl, agree, model_bytes, quantize_seconds, time.perf_counter() - start)
 
 
@@ -121,7 +109,7 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
     evaluator = Evaluator(loaded, limit)
     samples = build_calibration_inputs(CalibConfig(n_samples=n_calib), loaded.processor, loaded.model)
     results = [evaluator.score("float", "fp32", None, 0.0)]
-    results[0].weight_bytes = weight_bytes(loaded.model)
+    results[0].weight_bytes = stored_bytes(loaded.model)
     results[0].eval_seconds = time.perf_counter() - start
     log(_line(results[0]))
     _save_rows(save_path, results, limit, n_calib)

@@ -23,6 +23,7 @@ import torch
 from mquant.api import quantize
 from mquant.calib.data import build_calibration_inputs, open_image
 from mquant.config import CalibConfig, Recipe, RTNConfig, recipe_for
+from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
 from mquant.demo.processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS
 from mquant.errors import ConfigError
@@ -91,17 +92,13 @@ class BenchRow:
         return dict(self.__dict__)
 
 
-def _float_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def prepare_variant(name: str, float_model: torch.nn.Module, calib: list[dict], backend: str | None) -> tuple[torch.nn.Module, int]:
     model = copy.deepcopy(float_model)
     if name == "fp32":
-        return model, _float_bytes(model)
+        return model, stored_bytes(model)
     if name == "bf16":
         model = model.to(torch.bfloat16)
-        return model, _float_bytes(model)
+        return model, stored_bytes(model)
     quantize(model, variant_recipe(name), calib)
     attach_kernels(model, backend=backend, free_reference=True)
     return model, kernel_weight_bytes(model)
