@@ -1,5 +1,6 @@
-"""`mquant` command line: thin over `mquant.api`.
+"""`mquant` command line: thin over `mquant.api` and `mquant.eval`.
 
+Each command parses its options, builds the config, makes ONE api/eval call and prints the result.
 Progress goes to stderr; with `--json` the last thing on stdout is one JSON object. Problems a user
 can cause end with `error: <one line>` and a non-zero exit, never a traceback.
 """
@@ -15,7 +16,16 @@ import click
 import typer
 from rich.console import Console
 
+from mquant.api import quantize_and_save
+from mquant.config import CalibConfig, recipe_for
 from mquant.errors import MQuantError
+from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
+from mquant.eval.bench import VARIANTS, bench_model, bench_text
+from mquant.eval.generation_io import generate_answer
+from mquant.eval.harness import run_eval
+from mquant.eval.inspect import model_info
+from mquant.io.export import export_model
+from mquant.progress import BlockProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fully static W8A8/W4A8 quantization of whole vision-language models (MQuant).")
@@ -25,15 +35,21 @@ MODEL_ARG = typer.Argument(None, help="Hub id, local model directory, or a direc
 
 
 def emit(payload: dict[str, Any], as_json: bool, human: str | None = None) -> None:
+    """`--json`: one JSON line. Otherwise `human` through rich on a terminal; to a pipe or a file as
+    plain text, never wrapped (rich wraps at the terminal width even when stdout is not one)."""
     if as_json:
         sys.stdout.write(json.dumps(payload, default=str) + "\n")
-    elif human is not None:
+    elif human is not None and sys.stdout.isatty():
         Console().print(human)
+    elif human is not None:
+        sys.stdout.write(human + "\n")
 
 
-def _progress():
-    from mquant.progress import BlockProgress
+def _log(line: str) -> None:
+    err.print(line, highlight=False, soft_wrap=True)
 
+
+def _progress() -> BlockProgress:
     return BlockProgress(err)
 
 
@@ -53,9 +69,6 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:
     """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
-    from mquant.config import CalibConfig, recipe_for
-    from mquant.api import quantize_and_save
-
     recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
     calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed)
     report = quantize_and_save(model, recipe, calib_cfg, out, progress=_progress())
@@ -67,14 +80,7 @@ def quantize(
 @app.command()
 def info(model: Optional[str] = MODEL_ARG, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show the adapter's view of MODEL: towers, blocks, linear groups, norms, quantization state."""
-    from mquant.io.loading import load_any
-    from mquant.models.registry import get_adapter
-    from mquant.eval.inspect import describe
-
-    loaded = load_any(model)
-    payload = describe(loaded.model, get_adapter(loaded.model))
-    payload["source"] = loaded.source
-    payload["quantized"] = loaded.quantized
+    payload = model_info(model)
     emit(payload, as_json, json.dumps(payload, indent=2))
 
 
@@ -90,8 +96,6 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate a float or quantized model (quantized models run on the integer kernels)."""
-    from mquant.eval.harness import run_eval
-
     result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err,
                       kernels=not reference_path)
     emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
@@ -104,11 +108,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The main job, offline: default model → W4A8 fully static MQuant → float vs quantized table."""
-    from mquant.config import recipe_for
-    from mquant.eval.ablation import markdown_table, run_variants
-
-    log = (lambda line: err.print(line, highlight=False)) if as_json else (lambda line: err.print(line, highlight=False))
-    results = run_variants([("mquant", recipe_for("mquant", "w4a8"))], limit=limit, n_calib=n_calib, log=log)
+    results = run_variants([("mquant", recipe_for("mquant", "w4a8"))], limit=limit, n_calib=n_calib, log=_log)
     emit({"rows": [r.to_dict() for r in results], "limit": limit, "n_calib": n_calib}, as_json, markdown_table(results))
 
 
@@ -123,11 +123,9 @@ def ablate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
-    from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
-
     recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip())]
-    results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model,
-                           log=lambda line: err.print(line, highlight=False), save_path=str(save) if save else None)
+    results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model, log=_log,
+                           save_path=str(save) if save else None)
     emit({"rows": [r.to_dict() for r in results], "scheme": scheme, "limit": limit}, as_json, markdown_table(results))
 
 
@@ -140,23 +138,11 @@ def generate(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer PROMPT about IMAGE with a float or quantized model, streaming tokens."""
-    from mquant.eval.generation import generate_texts
-    from mquant.eval.generation_io import check_prompt_fits, text_streamer
-    from mquant.io.loading import load_any
-
-    loaded = load_any(model)
-    if loaded.quantized:
-        from mquant.kernels.attach import attach_kernels
-
-        attach_kernels(loaded.model)
-    check_prompt_fits(loaded, prompt, max_new_tokens)
-    streamer = None if as_json else text_streamer(loaded.processor)
-    answer = generate_texts(loaded.model, loaded.processor, [str(image)], [prompt], max_new_tokens=max_new_tokens,
-                            batch_size=1, streamer=streamer)[0]
+    result = generate_answer(model, image, prompt, max_new_tokens, stream=not as_json)
     if as_json:
-        emit({"answer": answer, "model": loaded.source, "quantized": loaded.quantized}, True)
+        emit(result, True)
     else:
-        sys.stdout.write("\n")
+        sys.stdout.write("\n")  # the answer itself was streamed
 
 
 @app.command()
@@ -167,8 +153,6 @@ def export(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a quantized model for serving (compressed-tensors, the format vLLM loads) or re-save it."""
-    from mquant.io.export import export_model
-
     written = export_model(model_dir, format, out)
     emit({"out": str(written), "format": format}, as_json, f"wrote {written} ({format})")
 
@@ -181,32 +165,13 @@ def bench(
     new_tokens: int = typer.Option(16, help="Tokens generated for the decode measurement"),
     repeats: int = typer.Option(5, help="Timed repetitions (median reported)"),
     backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch (default: fastest)"),
-    variants: str = typer.Option("fp32,bf16,w8a8-dynamic,w8a8-static,w4a8-static,w4a8-static-noaifs,w4a8-dynamic"),
+    variants: str = typer.Option(",".join(VARIANTS)),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
-    from mquant.eval.bench import VARIANTS, default_model_bench_inputs, run_bench
-    from mquant.calib.data import build_calibration_inputs
-    from mquant.config import CalibConfig
-    from mquant.errors import ConfigError
-    from mquant.io.loading import load_float_model
-
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    unknown = [v for v in chosen if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown bench variant(s) {unknown}; use any of {', '.join(VARIANTS)}")
-    loaded = load_float_model(model)
-    if not hasattr(loaded.processor, "encode_prompt"):
-        raise ConfigError("mquant bench builds its prompts for the default model; pass no MODEL (other models: benchmarks/bench_linear.py)")
-    batch = default_model_bench_inputs(loaded.processor, visual_tokens, text_tokens)
-    calib = build_calibration_inputs(CalibConfig(n_samples=4), loaded.processor, loaded.model)
-    result = run_bench(loaded.model, batch, calib, chosen, new_tokens, repeats, backend, log=lambda line: err.print(line, highlight=False))
-    result.update({"visual_tokens": int((batch["input_ids"] == loaded.model.config.image_token_index).sum()),
-                   "prompt_tokens": int(batch["input_ids"].shape[1]), "model": loaded.source})
-    lines = [f"{r['variant']:14s} prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:7.1f} tok/s  "
-             f"weights {r['weight_bytes'] / 2**20:6.1f} MiB  peak {r['peak_bytes'] / 2**20:6.1f} MiB" for r in result["rows"]]
-    lines += [f"{k}: {v:.2f}" for k, v in result["ratios"].items()]
-    emit(result, as_json, "\n".join(lines))
+    result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log)
+    emit(result, as_json, bench_text(result))
 
 
 def main() -> None:
@@ -223,7 +188,8 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(1)
     except MemoryError:
-        err.print("error: out of memory; use fewer calibration samples (--n-calib) or a machine with more memory", markup=False)
+        err.print("error: out of memory; use fewer calibration samples (--n-calib) or a machine with more memory", markup=False,
+                  highlight=False, soft_wrap=True)
         sys.exit(3)
     except KeyboardInterrupt:
         sys.exit(130)

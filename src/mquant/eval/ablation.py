@@ -8,18 +8,24 @@ the float model's next-token distributions on those questions.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from mquant.api import quantize
-from mquant.kernels.attach import attach_kernels
 from mquant.calib.data import build_calibration_inputs
 from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
+from mquant.core.sizes import stored_bytes
+from mquant.demo.easyvqa import load_split
+from mquant.errors import ConfigError
 from mquant.eval.easyvqa import answer_items, easyvqa_accuracy_of
+from mquant.eval.fidelity import next_token_fidelity
 from mquant.io.loading import LoadedModel, load_float_model
+from mquant.kernels.attach import attach_kernels
 
 
 @dataclass
@@ -37,20 +43,6 @@ class VariantResult:
         return dict(self.__dict__)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all weights as they would be stored: int4 codes count half a byte each."""
-    from mquant.core.qlinear import QuantLinear
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.quantized:
-            codes = module.qweight.numel() * (0.5 if module.weight_bits == 4 else 1)
-            total += int(codes) + module.w_scale.numel() * 4 + (0 if module.bias is None else module.bias.numel() * 4)
-        elif not list(module.children()):
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-    return total
-
-
 class Evaluator:
     """Holds the test questions and the float model's answer-token logits; scores any variant.
 
@@ -58,8 +50,6 @@ class Evaluator:
     agreement of the next-token distribution at the answer position, on the same questions."""
 
     def __init__(self, loaded: LoadedModel, limit: int | None, batch_size: int = 8):
-        from mquant.demo.easyvqa import load_split
-
         self.items = load_split("test")[: limit or None]
         self.processor = loaded.processor
         self.images_per_batch = batch_size
@@ -70,15 +60,13 @@ class Evaluator:
         return easyvqa_accuracy_of(replies, self.items), logits
 
     def score(self, name: str, scheme: str, model, quantize_seconds: float) -> VariantResult:
-        from mquant.eval.fidelity import next_token_fidelity
-
         start = time.perf_counter()
         if model is None:
             accuracy, kl, agree, model_bytes = self.ref_accuracy, 0.0, 1.0, 0
         else:
             accuracy, logits = self._answer(model)
             fid = next_token_fidelity(self.ref_logits, logits)
-            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], weight_bytes(model)
+            kl, agree, model_bytes = fid["kl"], fid["top1_agreement"], stored_bytes(model)
         return VariantResult(name, scheme, accuracy, kl, agree, model_bytes, quantize_seconds, time.perf_counter() - start)
 
 
@@ -103,8 +91,6 @@ def baseline_recipes(scheme: str) -> list[tuple[str, Recipe]]:
 
 def recipes_for_rows(rows: str, scheme: str) -> list[tuple[str, Recipe]]:
     """The recipe rows `mquant ablate --rows` names: ablation, baselines, table (baselines + MQuant) or all."""
-    from mquant.errors import ConfigError
-
     baselines = baseline_recipes(scheme)
     mquant_row = [r for r in ablation_recipes(scheme) if r[0] == "mquant"]
     extra = [r for r in ablation_recipes(scheme) if r[0] not in {n for n, _ in baselines}]
@@ -123,7 +109,7 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
     evaluator = Evaluator(loaded, limit)
     samples = build_calibration_inputs(CalibConfig(n_samples=n_calib), loaded.processor, loaded.model)
     results = [evaluator.score("float", "fp32", None, 0.0)]
-    results[0].weight_bytes = weight_bytes(loaded.model)
+    results[0].weight_bytes = stored_bytes(loaded.model)
     results[0].eval_seconds = time.perf_counter() - start
     log(_line(results[0]))
     _save_rows(save_path, results, limit, n_calib)
@@ -143,9 +129,6 @@ def run_variants(recipes: list[tuple[str, Recipe]], limit: int | None, n_calib: 
 def _save_rows(path: str | None, results: list[VariantResult], limit: int | None, n_calib: int) -> None:
     if path is None:
         return
-    import json
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     payload = {"limit": limit, "n_calib": n_calib, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in results]}
     tmp = Path(str(path) + ".tmp")

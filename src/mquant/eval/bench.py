@@ -15,13 +15,19 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psutil
 import torch
 
 from mquant.api import quantize
-from mquant.config import Recipe, RTNConfig, recipe_for
+from mquant.calib.data import build_calibration_inputs, open_image
+from mquant.config import CalibConfig, Recipe, RTNConfig, recipe_for
+from mquant.core.sizes import stored_bytes
+from mquant.demo.easyvqa import load_split
+from mquant.demo.processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS
+from mquant.errors import ConfigError
+from mquant.io.loading import load_float_model
 from mquant.kernels.attach import attach_kernels, kernel_weight_bytes
 
 # w4a8-static-noaifs: MQuant without the AIFS token reordering. AIFS exists so a GPU kernel can run
@@ -86,17 +92,13 @@ class BenchRow:
         return dict(self.__dict__)
 
 
-def _float_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def prepare_variant(name: str, float_model: torch.nn.Module, calib: list[dict], backend: str | None) -> tuple[torch.nn.Module, int]:
     model = copy.deepcopy(float_model)
     if name == "fp32":
-        return model, _float_bytes(model)
+        return model, stored_bytes(model)
     if name == "bf16":
         model = model.to(torch.bfloat16)
-        return model, _float_bytes(model)
+        return model, stored_bytes(model)
     quantize(model, variant_recipe(name), calib)
     attach_kernels(model, backend=backend, free_reference=True)
     return model, kernel_weight_bytes(model)
@@ -139,10 +141,6 @@ def run_bench(float_model: torch.nn.Module, batch: dict, calib: list[dict], vari
 def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: int) -> dict:
     """One prompt with ceil(visual_tokens / 64) easy-VQA images and a question padded to about
     `text_tokens` text tokens: visual tokens dominate prefill, as in real VLM workloads."""
-    from mquant.calib.data import open_image
-    from mquant.demo.easyvqa import load_split
-    from mquant.demo.processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS
-
     n_images = max(1, -(-visual_tokens // NUM_IMAGE_TOKENS))
     items = load_split("test")[: n_images * 12 : 12]
     words = " ".join(["Describe the shape, its colour and its position."] * max(1, text_tokens // 10))
@@ -150,3 +148,30 @@ def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: 
     ids = processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     pixel_values = torch.stack([processor([open_image(i.image_path)], ["x"])["pixel_values"][0] for i in items])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
+
+
+def bench_model(model_source: str | None = None, variants: Sequence[str] = VARIANTS, visual_tokens: int = 256,
+                text_tokens: int = 32, new_tokens: int = 16, repeats: int = 5, backend: str | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`mquant bench`: check the variant names, load the (default) model, build its prompt and 4
+    calibration samples, run `run_bench`; the result also names the model and its prompt's size."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown bench variant(s) {unknown}; use any of {', '.join(VARIANTS)}")
+    loaded = load_float_model(model_source)
+    if not hasattr(loaded.processor, "encode_prompt"):
+        raise ConfigError("mquant bench builds its prompts for the default model; pass no MODEL (other models: benchmarks/bench_linear.py)")
+    batch = default_model_bench_inputs(loaded.processor, visual_tokens, text_tokens)
+    calib = build_calibration_inputs(CalibConfig(n_samples=4), loaded.processor, loaded.model)
+    result = run_bench(loaded.model, batch, calib, list(variants), new_tokens, repeats, backend, log=log)
+    result.update({"visual_tokens": int((batch["input_ids"] == loaded.model.config.image_token_index).sum()),
+                   "prompt_tokens": int(batch["input_ids"].shape[1]), "model": loaded.source})
+    return result
+
+
+def bench_text(result: dict[str, Any]) -> str:
+    """The human-readable report of a `bench_model` result: one line per variant, then the ratios."""
+    lines = [f"{r['variant']:14s} prefill {r['prefill_ms']:8.1f} ms  decode {r['decode_tokens_per_s']:7.1f} tok/s  "
+             f"weights {r['weight_bytes'] / 2**20:6.1f} MiB  peak {r['peak_bytes'] / 2**20:6.1f} MiB" for r in result["rows"]]
+    lines += [f"{k}: {v:.2f}" for k, v in result["ratios"].items()]
+    return "\n".join(lines)

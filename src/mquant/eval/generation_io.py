@@ -1,11 +1,16 @@
-"""Run-time checks and streaming for `mquant generate`."""
+"""`mquant generate`: run-time checks, streaming, and the one call the command makes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from transformers import TextStreamer
+
 from mquant.errors import InputError
-from mquant.io.loading import LoadedModel
+from mquant.eval.generation import generate_texts
+from mquant.io.loading import LoadedModel, load_any
+from mquant.kernels.attach import attach_kernels
 
 
 def _context_length(model: Any) -> int | None:
@@ -26,7 +31,19 @@ def check_prompt_fits(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> 
 
 
 def text_streamer(processor: Any):
-    from transformers import TextStreamer  # lazy: transformers' model/auto classes take seconds to import
-
     tokenizer = getattr(processor, "tokenizer", processor)
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate_answer(model_source: str | None, image: str | Path, prompt: str, max_new_tokens: int = 32,
+                    stream: bool = False) -> dict[str, Any]:
+    """Answer PROMPT about IMAGE with a float or quantized model (quantized: on the integer kernels).
+    With `stream`, tokens are printed to stdout as they are generated."""
+    loaded = load_any(model_source)
+    if loaded.quantized:
+        attach_kernels(loaded.model)
+    check_prompt_fits(loaded, prompt, max_new_tokens)
+    streamer = text_streamer(loaded.processor) if stream else None
+    answer = generate_texts(loaded.model, loaded.processor, [str(image)], [prompt], max_new_tokens=max_new_tokens,
+                            batch_size=1, streamer=streamer)[0]
+    return {"answer": answer, "model": loaded.source, "quantized": loaded.quantized}

@@ -3,16 +3,23 @@ the standard VLM benchmarks on local data."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mquant.errors import InputError
 from mquant.demo.easyvqa import load_split
+from mquant.errors import InputError
+from mquant.eval import benchmarks_local as bl
 from mquant.eval.easyvqa import easyvqa_accuracy_of
+from mquant.eval.fidelity import next_token_fidelity
+from mquant.eval.generation import generate_texts
+from mquant.eval.perplexity import perplexity
+from mquant.eval.shared_prefix import answer_by_image
 from mquant.io.loading import LoadedModel, load_any, load_float_model
+from mquant.kernels.attach import attach_kernels
 
 TASKS = ("easy-vqa", "fidelity", "perplexity", "textvqa", "docvqa", "ocrbench", "mme")
 FIDELITY_DEFAULT_N = 256
@@ -21,8 +28,6 @@ FIDELITY_DEFAULT_N = 256
 def _calibration_note(loaded: LoadedModel) -> Any:
     if not loaded.quantized:
         return None
-    import json
-
     meta = json.loads((Path(loaded.source) / "mquant_config.json").read_text())
     return meta.get("calibration")
 
@@ -32,12 +37,8 @@ def _easyvqa_answers(loaded: LoadedModel, items, batch_size: int) -> tuple[list[
     other processors go through `generate` one prompt per row."""
     paths, questions = [i.image_path for i in items], [i.question for i in items]
     if hasattr(loaded.processor, "encode_prompt"):
-        from mquant.eval.shared_prefix import answer_by_image
-
         return answer_by_image(loaded.model, loaded.processor, paths, questions, max_new_tokens=3,
                                images_per_batch=max(1, batch_size // 4))
-    from mquant.eval.generation import generate_texts
-
     return generate_texts(loaded.model, loaded.processor, paths, questions, max_new_tokens=3, batch_size=batch_size), None
 
 
@@ -50,9 +51,6 @@ def easyvqa_accuracy(loaded: LoadedModel, limit: int | None, batch_size: int, pr
 def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batch_size: int) -> dict[str, Any]:
     """KL(P_float || P_quant) and top-1 agreement of the next-token distribution at the answer
     position of held-out easy-VQA *test* prompts (calibration used the train split)."""
-    from mquant.demo.easyvqa import load_split
-    from mquant.eval.fidelity import next_token_fidelity
-
     ref = load_float_model(reference)
     items = load_split("test")[: limit or FIDELITY_DEFAULT_N]
     _, ref_logits = _easyvqa_answers(ref, items, batch_size)
@@ -64,8 +62,6 @@ def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batc
 
 
 def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any]:
-    from mquant.eval.perplexity import perplexity
-
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     windows = limit or 8
     ppl = perplexity(lambda input_ids: loaded.model(input_ids=input_ids), tokenizer, seq_len=256, max_windows=windows)
@@ -73,9 +69,6 @@ def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any
 
 
 def local_benchmark(loaded: LoadedModel, task: str, data: Path | None, limit: int | None, batch_size: int) -> dict[str, Any]:
-    from mquant.eval import benchmarks_local as bl
-    from mquant.eval.generation import generate_texts
-
     if data is None:
         raise InputError(f"task {task} needs local data: pass --data PATH (the benchmark's JSON/TSV or folder)")
     loaders = {"textvqa": bl.load_textvqa, "docvqa": bl.load_docvqa, "ocrbench": bl.load_ocrbench,
@@ -96,8 +89,6 @@ def run_eval(model_source: str | None, task: str, *, limit: int | None = None, d
         raise InputError(f"--limit must be at least 1, got {limit}")
     loaded = load_any(model_source)
     if loaded.quantized and kernels:  # score the model as it is served: on the integer kernels
-        from mquant.kernels.attach import attach_kernels
-
         attach_kernels(loaded.model)
     start = time.perf_counter()
     if task == "easy-vqa":

@@ -7,9 +7,11 @@ from typing import Any
 from torch import nn
 
 from mquant.core.state import QuantState
-from mquant.models.base import ModelAdapter
-from mquant.models.spec import TowerSpec
 from mquant.core.swap import quant_linears
+from mquant.io.loading import load_any
+from mquant.models.base import ModelAdapter
+from mquant.models.registry import get_adapter
+from mquant.models.spec import TowerSpec
 
 
 def _tower(tower: TowerSpec) -> dict[str, Any]:
@@ -44,6 +46,15 @@ def describe(model: nn.Module, adapter: ModelAdapter) -> dict[str, Any]:
         "quantized_layers": sum(1 for m in layers.values() if m.quantized),
         "recipe": _recipe_dict(model),
     }
+
+
+def model_info(source: str | None) -> dict[str, Any]:
+    """`mquant info`: load SOURCE (float or quantized) and describe it, naming where it came from."""
+    loaded = load_any(source)
+    payload = describe(loaded.model, get_adapter(loaded.model))
+    payload["source"] = loaded.source
+    payload["quantized"] = loaded.quantized
+    return payload
 
 
 def _recipe_dict(model: nn.Module) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mquant.core.modality import TEXT, modality_row_scales
 from mquant.core.qlinear import QuantLinear
+from mquant.core.sizes import stored_bytes
 from mquant.quantizers.quantizer import pack_int4
 from mquant.core.swap import quant_linears
 from mquant.kernels.common import InputPrologue, PreparedWeight, input_prologue, linear_dynamic, linear_static, prepare_weight
@@ -83,12 +84,11 @@ def detach_kernels(model: nn.Module) -> None:
 
 
 def kernel_weight_bytes(model: nn.Module) -> int:
-    """Bytes the kernels keep for weights (packed codes, scales), plus every float parameter."""
-    total = 0
-    for module in model.modules():
-        runner = getattr(module, "kernel", None)
-        if isinstance(module, QuantLinear) and runner is not None:
-            total += runner.nbytes + (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
-        elif not isinstance(module, QuantLinear):
-            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    """Weight bytes of the model as it runs on the kernels: each kernel layer's prepared data plus its
+    bias, everything else as stored (`stored_bytes`).
+    Not `stored_bytes` itself because the backend's layout is what is resident (padded, prepacked, int4 unpacked by some)."""
+    layers = [m for m in quant_linears(model).values() if m.kernel is not None]
+    total = stored_bytes(model, exclude=layers)
+    for module in layers:
+        total += module.kernel.nbytes + (0 if module.bias is None else module.bias.numel() * module.bias.element_size())
     return total
