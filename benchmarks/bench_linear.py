@@ -34,8 +34,8 @@ SHORT = {"onednn": "o", "native": "n", "int_mm": "i", "fbgemm": "f", "torch": "t
 def hadamard_methods(x: torch.Tensor, w4: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """MQuant's input path of a down_proj/fc2 layer (online Hadamard, RMS split, static W4A8):
     'n4sH' fused into the native kernel's C prologue, 'n4sHpy' as PyTorch ops before the kernel."""
-    from mquant.kernels.common import input_prologue
     from mquant.core.hadamard import fwht, hadamard_supported
+    from mquant.kernels.common import input_prologue
 
     if native_isa() == "unavailable" or not hadamard_supported(x.shape[1]):
         return {}

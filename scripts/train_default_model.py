@@ -40,8 +40,19 @@ from mquant.demo.easyvqa import load_split
 from mquant.demo.processor import DefaultProcessor, preprocess_image
 from mquant.demo.smollm import load_smollm2
 from mquant.demo.training import (
-    COLORS, SHAPES, LoRALinear, Projector, add_lora, attribute_labels, aux_loss, lm_loss, pack_image,
-    anchor_loss, anchor_targets, fit_anchor_projector, resume_from_adapter,
+    COLORS,
+    SHAPES,
+    LoRALinear,
+    Projector,
+    add_lora,
+    anchor_loss,
+    anchor_targets,
+    attribute_labels,
+    aux_loss,
+    fit_anchor_projector,
+    lm_loss,
+    pack_image,
+    resume_from_adapter,
 )
 
 FEAT_CACHE = Path("/tmp/mquant_easyvqa_train_feats.pt")

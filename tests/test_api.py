@@ -8,9 +8,9 @@ import torch
 
 from mquant.api import quantize
 from mquant.config import CalibConfig, recipe_for
-from mquant.errors import CalibrationError, ConfigError, UnsupportedModelError
 from mquant.core.qlinear import QuantLinear
 from mquant.core.swap import quant_linears
+from mquant.errors import CalibrationError, ConfigError, UnsupportedModelError
 from mquant.testing.tiny import TINY_FAMILIES, tiny_case
 
 FAMILIES = TINY_FAMILIES + ("llava_dinov2", "smolvlm")

@@ -6,8 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from mquant.config import (AIFSConfig, GPTQConfig, MSQConfig, Recipe, RMSConfig, RotateConfig, RTNConfig,
-                           SmoothQuantConfig, StepConfig, recipe_for)
+from mquant.config import (
+    AIFSConfig,
+    GPTQConfig,
+    MSQConfig,
+    Recipe,
+    RMSConfig,
+    RotateConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+    StepConfig,
+    recipe_for,
+)
 from mquant.errors import ConfigError
 from mquant.steps import STEPS, build_steps
 

@@ -22,8 +22,8 @@ import torch
 from mquant.api import load_quantized, quantize, quantize_offloaded, save_quantized
 from mquant.calib.offload import check_offloadable, load_offloaded, materialize
 from mquant.config import recipe_for
-from mquant.errors import ConfigError
 from mquant.core.swap import quant_linears
+from mquant.errors import ConfigError
 from mquant.testing.tiny import tiny_case
 from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
 

@@ -3,8 +3,16 @@
 import torch
 from torch import nn
 
-from mquant.core.actquant import (ACT_QMAX, ACT_QMIN, DYNAMIC_SCALE_EPS, dynamic_row_scales, dynamic_scale, fake_quantize,
-                                  quantize_codes, quantize_rows)
+from mquant.core.actquant import (
+    ACT_QMAX,
+    ACT_QMIN,
+    DYNAMIC_SCALE_EPS,
+    dynamic_row_scales,
+    dynamic_scale,
+    fake_quantize,
+    quantize_codes,
+    quantize_rows,
+)
 from mquant.core.qlinear import QuantLinear
 from mquant.kernels.int8_cpu import quantize_activation
 

@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from mquant.kernels.attach import KernelRunner
 from mquant.core.modality import TEXT, VISUAL, ModalityContext
 from mquant.core.qlinear import QuantLinear
+from mquant.kernels.attach import KernelRunner
 
 
 def _layer(ctx: ModalityContext) -> QuantLinear:

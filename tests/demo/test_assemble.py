@@ -8,9 +8,9 @@ from PIL import Image
 
 from mquant.demo import assemble
 from mquant.demo.easyvqa import load_split
+from mquant.errors import CheckpointError
 from mquant.eval.easyvqa import evaluate_easyvqa, generate_answers
 from mquant.eval.scorers import first_word
-from mquant.errors import CheckpointError
 
 
 def test_checksum_mismatch_raises(tmp_path):

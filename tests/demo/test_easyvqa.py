@@ -3,8 +3,8 @@
 import pytest
 
 from mquant.demo.easyvqa import ANSWERS, load_split
-from mquant.eval.scorers import first_word
 from mquant.errors import ConfigError
+from mquant.eval.scorers import first_word
 
 
 def test_split_counts():

@@ -16,7 +16,7 @@ def test_common_prefix_leaves_a_suffix():
 
 @pytest.fixture(scope="module")
 def tiny_default_shaped():
-    from mquant.demo.processor import DefaultProcessor, IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS
+    from mquant.demo.processor import IMAGE_SIZE, IMAGE_TOKEN, NUM_IMAGE_TOKENS, DefaultProcessor
     from mquant.demo.smollm import load_smollm2_tokenizer
 
     tokenizer = load_smollm2_tokenizer()

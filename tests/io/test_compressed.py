@@ -12,11 +12,11 @@ from safetensors import safe_open
 
 from mquant.api import quantize, save_quantized
 from mquant.config import recipe_for
-from mquant.errors import ConfigError
-from mquant.io.compressed import checkpoint_name, export_compressed_tensors
 from mquant.core.qlinear import dequantize_weight
 from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears
+from mquant.errors import ConfigError
+from mquant.io.compressed import checkpoint_name, export_compressed_tensors
 from mquant.testing.tiny import TINY_FAMILIES, tiny_case
 
 LAYER = "model.language_model.layers.0.self_attn.q_proj"  # Qwen2-VL; saved as model.layers.0…

@@ -10,6 +10,7 @@ import torch
 import mquant.testing.tiny.llava  # noqa: F401  (registers "llava_dinov2" next to "llava")
 from mquant.api import quantize
 from mquant.config import recipe_for
+from mquant.core.state import QuantState
 from mquant.errors import UnsupportedModelError
 from mquant.models.glm4v import Glm4vAdapter
 from mquant.models.idefics3 import Idefics3Adapter
@@ -18,10 +19,9 @@ from mquant.models.llava import LlavaAdapter
 from mquant.models.llava_onevision import LlavaOnevisionAdapter
 from mquant.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from mquant.models.qwen3_vl import Qwen3VLAdapter
-from mquant.core.state import QuantState
-from mquant.testing.tiny import tiny_case
 from mquant.steps.aifs import aifs_enabled, disable_aifs, enable_aifs
 from mquant.steps.aifs_mask import restore_tokens, switch_order, take_tokens
+from mquant.testing.tiny import tiny_case
 
 ADAPTERS = {
     "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen2_5_VLAdapter, "qwen3_vl": Qwen3VLAdapter,

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from mquant.errors import ConfigError
 from mquant.core.hadamard import (
     base_hadamard,
     fwht,
@@ -13,6 +12,7 @@ from mquant.core.hadamard import (
     random_hadamard,
     random_signs,
 )
+from mquant.errors import ConfigError
 
 BASE_ORDERS = [1, 2, 12, 20, 28, 36, 40, 52, 60, 76, 108, 140, 148, 156, 172]
 REAL_SIZES = [384, 576, 896, 1152, 1280, 1536, 3584, 4096, 4864, 5120, 8960, 11008, 18944, 27648]

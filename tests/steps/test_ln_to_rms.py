@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from mquant.core.state import QuantState
 from mquant.models.registry import get_adapter
-from mquant.testing.equivalence import (EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent,
-                                        family_missing)
-from mquant.testing.tiny import tiny_case
 from mquant.steps.fold import fold_affine_into_linear
 from mquant.steps.norms import stream_norms
-from mquant.core.state import QuantState
 from mquant.steps.structure import apply_structure
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.tiny import tiny_case
 
 # What the step must decide per family (vision tower); language towers are RMSNorm already.
 EXPECTED_VISION = {

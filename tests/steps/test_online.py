@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
 from mquant.models.registry import get_adapter
-from mquant.core.qlinear import QuantLinear
-from mquant.testing.equivalence import (EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent,
-                                        family_missing)
-from mquant.testing.tiny import tiny_case
 from mquant.steps import online_hadamard as online
 from mquant.steps.online_hadamard import apply_online_hadamard
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.tiny import tiny_case
 
 
 def _case(family: str):

@@ -13,14 +13,13 @@ from torch import nn
 from mquant.api import quantize
 from mquant.calib.stats import GroupStats
 from mquant.config import RMSConfig, recipe_for
+from mquant.core.qlinear import QuantLinear
 from mquant.models.registry import get_adapter
 from mquant.models.spec import LinearGroup, LinearRef
-from mquant.core.qlinear import QuantLinear
-from mquant.testing.equivalence import (EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent,
-                                        family_missing)
-from mquant.testing.tiny import tiny_case
 from mquant.steps import rms
 from mquant.steps.online_hadamard import apply_online_hadamard
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.tiny import tiny_case
 
 ALL_STEPS = ("ln_to_rms", "rotate", "online_hadamard", "rms")
 

@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mquant.core.state import QuantState
 from mquant.models.registry import get_adapter
-from mquant.testing.equivalence import (EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent,
-                                        family_missing)
-from mquant.testing.tiny import tiny_case
 from mquant.steps import rotate as rotation
 from mquant.steps.fold import mean_preserving_rotation, rotate_tensor
-from mquant.core.state import QuantState
 from mquant.steps.structure import apply_structure
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.tiny import tiny_case
 
 
 def _case(family: str):

@@ -31,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mquant.errors import CheckpointError, ResourceError
-from mquant.core.qlinear import QuantLinear
 from mquant.calib.report import LayerRecord
+from mquant.core.qlinear import QuantLinear
+from mquant.errors import CheckpointError, ResourceError
 
 FORMAT = "mquant-calibration-checkpoint"
 VERSION = 1

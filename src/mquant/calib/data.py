@@ -61,7 +61,8 @@ def _dataset_pairs(name: str, n: int) -> list[CalibPair]:
             f"calibration source '{name}' is not a folder or .jsonl file, and `datasets` is not installed to fetch it; "
             "pip install datasets, or pass a local folder/JSONL"
         ) from exc
-    from datasets import load_dataset  # optional: only online calibration sets need `datasets`
+    # optional: only online calibration sets need `datasets`
+    from datasets import load_dataset
 
     try:
         data = load_dataset(name, split=f"train[:{n}]")
@@ -104,7 +105,8 @@ def load_calibration_pairs(config: CalibConfig) -> list[CalibPair]:
 
 
 def open_image(path: str):
-    from PIL import Image, UnidentifiedImageError  # lazy: PIL only when an image is opened
+    # lazy: PIL only when an image is opened
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:

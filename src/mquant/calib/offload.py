@@ -47,7 +47,8 @@ def load_offloaded(model_dir: str | Path, *, offload_folder: str | Path, device_
                    attn_implementation: str | None = None) -> nn.Module:
     """Open a float transformers checkpoint with every module offloaded (default `{"": "disk"}`),
     or with an accelerate `device_map` ("auto" + `max_memory` spreads it over GPUs, CPU and disk)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(str(model_dir))
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -85,7 +86,8 @@ def read_safetensors_tensor(path: str | Path, name: str, headers: dict | None = 
 
 def _plain_reading_loader(loader: Any) -> Any:
     """An accelerate OffloadedWeightsLoader that reads safetensors entries with plain reads."""
-    from accelerate.utils.offload import OffloadedWeightsLoader  # optional path: only offloaded quantization needs accelerate
+    # optional path: only offloaded quantization needs accelerate
+    from accelerate.utils.offload import OffloadedWeightsLoader
 
     class PlainReads(OffloadedWeightsLoader):
         headers: dict = {}
@@ -101,7 +103,8 @@ def _plain_reading_loader(loader: Any) -> Any:
 
 
 def _use_plain_reads(model: nn.Module) -> None:
-    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset  # optional path: only offloaded quantization needs accelerate
+    # optional path: only offloaded quantization needs accelerate
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
 
     replaced: dict[int, Any] = {}
     for module in model.modules():
@@ -126,8 +129,11 @@ def _offload_hook(module: nn.Module):
 def materialize(module: nn.Module) -> int:
     """Read every offloaded tensor under `module` onto its execution device and remove the
     accelerate hooks there; returns the bytes loaded. Idempotent."""
-    from accelerate.hooks import remove_hook_from_module  # optional path: only offloaded quantization needs accelerate
-    from accelerate.utils import set_module_tensor_to_device  # optional path: only offloaded quantization needs accelerate
+    # optional path: only offloaded quantization needs accelerate
+    from accelerate.hooks import remove_hook_from_module
+
+    # optional path: only offloaded quantization needs accelerate
+    from accelerate.utils import set_module_tensor_to_device
 
     loaded = 0
     for sub in module.modules():
@@ -157,7 +163,8 @@ class OffloadSession:
         self.loaded_bytes = 0
 
     def _move_hooks_to_wrappers(self) -> None:
-        from accelerate.hooks import add_hook_to_module  # optional path: only offloaded quantization needs accelerate
+        # optional path: only offloaded quantization needs accelerate
+        from accelerate.hooks import add_hook_to_module
 
 
         for name, module in self.model.named_modules():

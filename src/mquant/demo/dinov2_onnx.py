@@ -78,8 +78,11 @@ def _module_name_from_node(node_name: str) -> str:
 
 def onnx_backbone_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
     """Read the ONNX initializers and return them under `Dinov2Model` state-dict keys."""
-    import onnx  # lazy: onnx is only needed to convert the default model's weights once
-    from onnx import numpy_helper  # lazy: onnx is only needed to convert the default model's weights once
+    # lazy: onnx is only needed to convert the default model's weights once
+    import onnx
+
+    # lazy: onnx is only needed to convert the default model's weights once
+    from onnx import numpy_helper
 
     model = onnx.load(str(path or find_onnx_path()))
     graph = model.graph

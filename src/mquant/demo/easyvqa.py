@@ -24,7 +24,8 @@ class VQAItem:
 
 
 def _answers() -> list[str]:
-    from easy_vqa import get_answers  # lazy: easy_vqa reads its data index on import
+    # lazy: easy_vqa reads its data index on import
+    from easy_vqa import get_answers
 
     return list(get_answers())
 
@@ -34,7 +35,8 @@ ANSWERS: list[str] = _answers()
 
 def load_split(split: str) -> list[VQAItem]:
     """All questions of a split, in the package's (deterministic) order."""
-    import easy_vqa  # lazy: easy_vqa reads its data index on import
+    # lazy: easy_vqa reads its data index on import
+    import easy_vqa
 
     if split not in SPLITS:
         raise ConfigError(f"unknown easy-VQA split {split!r}; use one of {', '.join(SPLITS)}")

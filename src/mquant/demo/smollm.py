@@ -41,7 +41,8 @@ def load_smollm2_tokenizer() -> Any:
     Rebuilding it from the GGUF takes ~10-20 s on a small CPU, so the result is saved once under
     `~/.cache/mquant/smollm2-tokenizer/` (temp dir + rename, so a killed process leaves no half copy).
     """
-    from transformers import AutoTokenizer  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers import AutoTokenizer
 
     if (TOKENIZER_CACHE / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(TOKENIZER_CACHE))
@@ -58,7 +59,8 @@ def load_smollm2_tokenizer() -> Any:
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(LlamaForCausalLM, tokenizer), de-quantized from Q4_1 -- the float baseline (see module doc)."""
-    from transformers import AutoModelForCausalLM  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers import AutoModelForCausalLM
 
     folder = str(find_gguf_folder())
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=dtype)

@@ -14,7 +14,6 @@ import torch
 
 from mquant.errors import InputError
 
-
 # Rows compared per step: the float64 working copies of a [rows, vocab] chunk stay ~100 MB at a
 # 50k vocabulary, where a full easy-VQA test split (9,673 x 49,152) would need tens of GB at once.
 _CHUNK_ROWS = 256

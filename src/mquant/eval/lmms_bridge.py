@@ -32,8 +32,11 @@ DEFAULT_NAME = "mquant"
 def require_lmms_eval() -> Any:
     """Import lmms-eval or explain how to get it."""
     try:
-        import lmms_eval.api.model as lmms_model  # optional: lmms-eval is not installed by default
-        import lmms_eval.api.registry as lmms_registry  # optional: lmms-eval is not installed by default
+        # optional: lmms-eval is not installed by default
+        import lmms_eval.api.model as lmms_model
+
+        # optional: lmms-eval is not installed by default
+        import lmms_eval.api.registry as lmms_registry
     except ImportError as exc:
         raise InputError(
             "lmms-eval is not installed; run `pip install lmms-eval` to evaluate with it"

@@ -22,7 +22,8 @@ def offline_text_corpus(max_chars: int = 200_000) -> str:
     if max_chars <= 0:
         raise InputError(f"max_chars must be positive, got {max_chars}")
     try:
-        from pydoc_data.topics import topics  # lazy: the perplexity corpus is only read for `mquant eval --task perplexity`
+        # lazy: the perplexity corpus is only read for `mquant eval --task perplexity`
+        from pydoc_data.topics import topics
     except ImportError as exc:  # stripped-down Pythons (some distro "minimal" builds) drop it
         raise InputError(
             "pydoc_data is missing from this Python; install the full CPython standard library "

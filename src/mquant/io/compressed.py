@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mquant.core.state import QuantState
-from mquant.errors import ConfigError
 from mquant.core.qlinear import QuantLinear, dequantize_weight
+from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears
+from mquant.errors import ConfigError
 from mquant.io.atomic import atomic_directory
 from mquant.io.loader import load_quantized
 from mquant.io.native import float_dtype
@@ -39,7 +39,8 @@ def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_di
     """Write a compressed-tensors model directory (config.json with `quantization_config`,
     model.safetensors, processor files) to `out_dir` atomically. Accepts a directory written by
     `mquant quantize` or a model quantized in memory (left unchanged)."""
-    from compressed_tensors.compressors import ModelCompressor  # lazy: compressed-tensors is only needed to export
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.compressors import ModelCompressor
 
     if isinstance(model_dir_or_model, nn.Module):
         model = model_dir_or_model
@@ -115,7 +116,8 @@ def _float_skeleton(model: nn.Module, layers: dict[str, QuantLinear]) -> nn.Modu
 
 
 def _scheme(layer: QuantLinear):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # lazy: compressed-tensors is only needed to export
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups = layer.w_scale.shape[1]
     group_size = None if groups == 1 else layer.in_features // groups
@@ -149,9 +151,14 @@ def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
 
 def _compress_into(skeleton: nn.Module, name: str, layer: QuantLinear, scheme: Any) -> None:
     """Give the skeleton's linear `name` its compressed tensors, made by the library's compressor."""
-    from compressed_tensors.compressors import compress_module  # lazy: compressed-tensors is only needed to export
-    from compressed_tensors.quantization import QuantizationStatus  # lazy: compressed-tensors is only needed to export
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization  # lazy: compressed-tensors is only needed to export
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.compressors import compress_module
+
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.quantization import QuantizationStatus
+
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 
     linear = skeleton.get_submodule(name)
     # float32 dequantized weight: scales are then float32 (ours, exactly) and code × scale / scale
@@ -169,7 +176,8 @@ def _compress_into(skeleton: nn.Module, name: str, layer: QuantLinear, scheme: A
 
 
 def _check_codes(name: str, linear: nn.Module, layer: QuantLinear) -> None:
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # lazy: compressed-tensors is only needed to export
+    # lazy: compressed-tensors is only needed to export
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     if hasattr(linear, "weight_packed"):
         codes = unpack_from_int32(linear.weight_packed, layer.weight_bits, linear.weight_shape)
@@ -196,7 +204,8 @@ def _both_names(model: nn.Module, module_names: list[str]) -> list[str]:
 def checkpoint_name(model: nn.Module, module_name: str) -> str:
     """The name `save_pretrained` writes for module `module_name` (transformers may rename, e.g.
     Qwen2-VL's model.language_model.layers → model.layers)."""
-    from transformers.core_model_loading import revert_weight_conversion  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers.core_model_loading import revert_weight_conversion
 
     renamed = revert_weight_conversion(model, {f"{module_name}.weight": torch.empty(0)})
     key = next(iter(renamed)) if len(renamed) == 1 else f"{module_name}.weight"

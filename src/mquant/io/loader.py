@@ -18,11 +18,11 @@ from mquant.config import Recipe
 from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears, wrap_linears
 from mquant.errors import CheckpointError, ConfigError
+from mquant.io.native import CONFIG_NAME, WEIGHTS_NAME, _first_line, read_config, read_meta, read_tensors, restore_quantized_layers
+from mquant.io.validate import DTYPES
 from mquant.models.registry import get_adapter
 from mquant.steps import apply_structure, build_steps
 from mquant.steps.runner import install_steps
-from mquant.io.native import CONFIG_NAME, WEIGHTS_NAME, _first_line, read_config, read_meta, read_tensors, restore_quantized_layers
-from mquant.io.validate import DTYPES
 
 _REQUANTIZE = "re-run `mquant quantize`"
 
@@ -66,7 +66,8 @@ def load_quantized(model_dir: str | Path) -> nn.Module:
 
 
 def _model_class(meta: dict[str, Any], model_dir: Path) -> type:
-    import transformers  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    import transformers
 
     model_cls = getattr(transformers, meta["model_class"], None)
     if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mquant.io.loader import load_quantized
-from mquant.io.processors import load_saved_processor
 from mquant.demo.assemble import load_default_model
 from mquant.errors import CheckpointError, InputError, UnsupportedModelError
+from mquant.io.loader import load_quantized
+from mquant.io.processors import load_saved_processor
 from mquant.models.registry import adapter_for_model_type
 
 DEFAULT_MODEL = "default"
@@ -42,7 +42,8 @@ def load_float_model(source: str | None, dtype: torch.dtype = torch.float32) -> 
     path = Path(source).expanduser()
     if not path.exists() and _looks_like_path(source):
         raise InputError(f"model path {source} does not exist; pass a local model directory or a hub id")
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else source)

@@ -25,14 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mquant.core.state import QuantState
-from mquant.errors import CheckpointError
 from mquant.core.qlinear import QuantLinear
-from mquant.quantizers.quantizer import pack_int4, unpack_int4
+from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears
+from mquant.errors import CheckpointError
 from mquant.io.atomic import atomic_directory
 from mquant.io.processors import save_processor
 from mquant.io.validate import check_layer_tensors, validate_meta
+from mquant.quantizers.quantizer import pack_int4, unpack_int4
 
 FORMAT_NAME = "mquant"
 FORMAT_VERSION = 1
@@ -147,7 +147,8 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
 
 def read_config(model_dir: str | Path, meta: dict[str, Any]) -> Any:
     """The transformers config, with the attention implementation the model was saved with."""
-    from transformers import AutoConfig  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers import AutoConfig
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():

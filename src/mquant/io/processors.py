@@ -25,11 +25,13 @@ def load_saved_processor(model_dir: str | Path) -> Any:
     meta = json.loads((Path(model_dir) / "mquant_config.json").read_text())
     kind = meta.get("processor")
     if kind == "default":
-        from transformers import AutoTokenizer  # lazy: transformers' auto classes take seconds to import
+        # lazy: transformers' auto classes take seconds to import
+        from transformers import AutoTokenizer
 
         return DefaultProcessor(AutoTokenizer.from_pretrained(str(model_dir)))
     if kind == "auto":
-        from transformers import AutoProcessor  # lazy: transformers' auto classes take seconds to import
+        # lazy: transformers' auto classes take seconds to import
+        from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(str(model_dir))
     return None

@@ -138,18 +138,25 @@ class _Reservoir:
         self.keys, self.values = keys, v
 
 
-class PercentileObserver(Observer):
-    """Clip at the ``pct`` percentile of |x| (symmetric) or of x on both sides (asymmetric)."""
+class _SampledObserver(Observer):
+    """An observer that keeps a uniform reservoir sample of the values it saw, next to the range."""
 
-    def __init__(self, pct: float = 99.99, max_samples: int = 1 << 20, seed: int = 0) -> None:
+    def __init__(self, max_samples: int, seed: int) -> None:
         super().__init__()
-        if not 0.0 < pct <= 100.0:
-            raise ConfigError(f"percentile must be in (0, 100], got {pct}")
-        self.pct = pct
         self.reservoir = _Reservoir(max_samples, seed)
 
     def _update(self, v: torch.Tensor) -> None:
         self.reservoir.add(v)
+
+
+class PercentileObserver(_SampledObserver):
+    """Clip at the ``pct`` percentile of |x| (symmetric) or of x on both sides (asymmetric)."""
+
+    def __init__(self, pct: float = 99.99, max_samples: int = 1 << 20, seed: int = 0) -> None:
+        if not 0.0 < pct <= 100.0:
+            raise ConfigError(f"percentile must be in (0, 100], got {pct}")
+        super().__init__(max_samples, seed)
+        self.pct = pct
 
     def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_ready(spec)
@@ -170,21 +177,15 @@ def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-class MSEObserver(Observer):
+class MSEObserver(_SampledObserver):
     """Clip ratio of the running range chosen to minimise quantization MSE on a sample."""
 
-    def __init__(
-        self, grid: int = 100, min_ratio: float = 0.5, max_samples: int = 1 << 18, seed: int = 0
-    ) -> None:
-        super().__init__()
+    def __init__(self, grid: int = 100, min_ratio: float = 0.5, max_samples: int = 1 << 18, seed: int = 0) -> None:
         if grid < 1 or not 0.0 < min_ratio <= 1.0:
             raise ConfigError(f"MSE search needs grid >= 1 and 0 < min_ratio <= 1, got {grid}, {min_ratio}")
+        super().__init__(max_samples, seed)
         self.grid = grid
         self.min_ratio = min_ratio
-        self.reservoir = _Reservoir(max_samples, seed)
-
-    def _update(self, v: torch.Tensor) -> None:
-        self.reservoir.add(v)
 
     def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_ready(spec)

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mquant.config import AIFSConfig
+from mquant.core.state import modality_context
 from mquant.errors import UnsupportedModelError
 from mquant.models.registry import get_adapter
 from mquant.steps.aifs_mask import extend_order, is_identity, restore_tokens, switch_order, switched_mask, take_tokens
-from mquant.config import AIFSConfig
-from mquant.core.state import modality_context
 from mquant.steps.base import Step
 
 _ATTR = "_mquant_aifs"

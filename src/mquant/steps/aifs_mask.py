@@ -88,7 +88,8 @@ def switched_mask(
     `create_causal_mask`, so eager gets its additive float mask and sdpa its bool mask, with the
     same fully-masked-pad-row behaviour), then rows permuted by `chunk_order` and key columns by
     `full_order`: switched token i attends to cache slot k iff orig(k) <= orig(i) and k is no pad."""
-    from transformers.masking_utils import create_causal_mask  # lazy: transformers' model/auto classes take seconds to import
+    # lazy: transformers' model/auto classes take seconds to import
+    from transformers.masking_utils import create_causal_mask
 
     mask = create_causal_mask(
         config=config,

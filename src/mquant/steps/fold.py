@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mquant.core.hadamard import hadamard_matrix, random_hadamard, random_signs
 from mquant.errors import ConfigError
 from mquant.models.spec import AttentionRef, LayerScaleRef, LinearRef, ResidualParam
-from mquant.core.hadamard import hadamard_matrix, random_hadamard, random_signs
 
 F64 = torch.float64
 

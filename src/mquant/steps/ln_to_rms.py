@@ -23,12 +23,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from mquant.models.spec import ModelSpec, TowerSpec
-from mquant.steps.fold import centre_param, centre_writer
-from mquant.steps.norms import (PROJECTED, fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem, norm_width,
-                    replace_with_rmsnorm, stream_norms)
 from mquant.config import LnToRmsConfig
+from mquant.models.spec import ModelSpec, TowerSpec
 from mquant.steps.base import Step
+from mquant.steps.fold import centre_param, centre_writer
+from mquant.steps.norms import (
+    PROJECTED,
+    fold_layer_scales,
+    fold_norm,
+    make_input_norm_projected,
+    norm_problem,
+    norm_width,
+    replace_with_rmsnorm,
+    stream_norms,
+)
 
 
 def _why_not_centre(spec: ModelSpec, tower: TowerSpec) -> str | None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from mquant.config import OnlineHadamardConfig
+from mquant.core.hadamard import hadamard_matrix, hadamard_supported
+from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
 from mquant.models.spec import ModelSpec
-from mquant.core.qlinear import QuantLinear
-from mquant.steps.fold import F64
-from mquant.core.hadamard import hadamard_matrix, hadamard_supported
-from mquant.config import OnlineHadamardConfig
 from mquant.steps.base import Step
+from mquant.steps.fold import F64
 
 
 def apply_online_hadamard(module: QuantLinear) -> None:

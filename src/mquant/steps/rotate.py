@@ -20,14 +20,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from mquant.models.spec import ModelSpec, TowerSpec
-from mquant.steps.fold import (F64, mean_preserving_rotation, random_rotation, rotate_heads, rotate_param, rotate_reader,
-                   rotate_writer)
-from mquant.core.hadamard import hadamard_matrix, hadamard_supported
-from mquant.steps.norms import (fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem,
-                    stream_norms, untie_embeddings)
 from mquant.config import RotateConfig
+from mquant.core.hadamard import hadamard_matrix, hadamard_supported
+from mquant.models.spec import ModelSpec, TowerSpec
 from mquant.steps.base import Step
+from mquant.steps.fold import F64, mean_preserving_rotation, random_rotation, rotate_heads, rotate_param, rotate_reader, rotate_writer
+from mquant.steps.norms import fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem, stream_norms, untie_embeddings
 
 
 def tower_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:

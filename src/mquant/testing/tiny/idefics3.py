@@ -9,8 +9,14 @@ all-zero padding image, which the model drops (that is how the processor pads im
 from __future__ import annotations
 
 import torch
-from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, SmolVLMConfig,
-                          SmolVLMForConditionalGeneration, SmolVLMVisionConfig)
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMVisionConfig,
+)
 
 from mquant.testing.tiny import TinyCase, register_tiny
 from mquant.testing.tiny.llava import image_text_batch, model_dtype, perturb_affines, set_attention, tiny_llama

@@ -9,7 +9,15 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mquant.testing.tiny import TinyCase, register_tiny
 from mquant.testing.tiny.qwen2_vl import (
-    END_ID, IMAGE_ID, QWEN_LAYOUT, START_ID, TEXT_HIDDEN, VIDEO_ID, build_mrope_batch, finish_tiny, text_config,
+    END_ID,
+    IMAGE_ID,
+    QWEN_LAYOUT,
+    START_ID,
+    TEXT_HIDDEN,
+    VIDEO_ID,
+    build_mrope_batch,
+    finish_tiny,
+    text_config,
 )  # fmt: skip
 
 
