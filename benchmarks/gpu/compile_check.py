@@ -29,7 +29,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from mquant.kernels import _triton_jit as J  # noqa: E402
-from mquant.kernels.triton_gpu import HADAMARD_TILES, QUANTIZE_TILES, ABSMAX_BLOCK, TILE_TABLE  # noqa: E402
+from mquant.kernels.triton_gpu import TILE_TABLE  # noqa: E402
+from mquant.kernels.triton_prologue import ABSMAX_BLOCK, HADAMARD_TILES, QUANTIZE_TILES  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DIV16 = {"K", "N", "n", "C", "stride_x"}
