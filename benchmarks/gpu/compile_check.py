@@ -59,7 +59,7 @@ def build(fn, types: dict[str, str], consts: dict, warps: int, stages: int) -> d
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
     ptx = compiled.asm["ptx"]
-    return {"kernel": fn.fn.__name__, "consts": {k: v for k, v in consts.items() if k.isupper()}, "warps": warps,
+    return {"kernel": fn.fn.__name__, "x": types["x_ptr"][1:], "consts": {k: v for k, v in consts.items() if k.isupper()}, "warps": warps,
             "stages": stages, "regs": int(found.get("REG", -1)), "stack": int(found.get("STACK", -1)),
             "smem": compiled.metadata.shared, "mma": "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "none",
             "cp_async": "cp.async" in ptx, "seconds": round(time.perf_counter() - start, 2)}
