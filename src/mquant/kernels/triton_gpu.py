@@ -121,8 +121,8 @@ def run_triton(x: torch.Tensor, scale: Any, data: dict[str, Any], bias: Optional
     out_dtype = out_dtype or x.dtype
     bias = None if bias is None else vec(bias)
     rank1 = None if rank1 is None else (vec(rank1[0]), vec(rank1[1]))
-    if M * K >= 2**31:
-        raise InputError(f"{M} rows x {K} features exceed the kernels' int32 offsets; split the batch")
+    if max(M * K, M * N) >= 2**31:
+        raise InputError(f"{M} rows x {max(K, N)} features exceed the kernels' int32 offsets; split the batch")
     x_codes = zero0 = False
     sc: Optional[Scale] = None if scale is None else static_scale(scale, M, x.device)
     if prologue is not None:
