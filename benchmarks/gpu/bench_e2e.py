@@ -28,11 +28,11 @@ QWEN2_VL_2B_VISION = {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads
 QWEN2_VL_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                 "vision_end_token_id": 151653}
 # Dry run: the same classes and code paths at toy size (as mquant.testing.tiny's Qwen2-VL).
-TINY_TEXT = {**QWEN2_VL_2B_TEXT, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+TINY_TEXT = {**QWEN2_VL_2B_TEXT, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 252,
              "eos_token_id": 253, "tie_word_embeddings": False,
              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
-TINY_VISION = {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "in_channels": 3, "hidden_size": 64,
+TINY_VISION = {"depth": 1, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 2, "in_channels": 3, "hidden_size": 64,
                "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}
 TINY_IDS = {"image_token_id": 250, "video_token_id": 251, "vision_start_token_id": 248, "vision_end_token_id": 249}
 VARIANTS = ("fp16", "w8a8_dynamic", "mquant_w4a8_static", "mquant_w8a8_static")
@@ -95,14 +95,18 @@ def measure(model, batch: dict, new_tokens: int, device, reps: int) -> dict:
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
         prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
-        generate = lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
-                                          do_sample=False)
+
+        def generate(tokens: int):
+            return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+        generate(1)  # warm-up (a prefill inside): Triton compiles, cuBLAS picks algorithms, first allocations
         if device.type == "cuda":
-            prefill()  # warm-up: Triton compiles, cuBLAS picks algorithms
-            generate()
+            generate(new_tokens)
         p = _seconds(prefill, device, reps)
-        g = _seconds(generate, device, max(1, reps // 2))
-    return {"prefill_ms": p * 1e3, "decode_ms_per_token": max(g - p, 1e-9) * 1e3 / max(1, new_tokens - 1)}
+        # decode per token: generate(N) - generate(1), both with generate's own set-up, over N - 1 steps
+        g1 = _seconds(lambda: generate(1), device, max(1, reps // 2))
+        gn = _seconds(lambda: generate(new_tokens), device, max(1, reps // 2))
+    return {"prefill_ms": p * 1e3, "decode_ms_per_token": max(gn - g1, 1e-9) * 1e3 / max(1, new_tokens - 1)}
 
 
 def run_e2e(dry: bool, device: torch.device, start: float, budget_s: float, log) -> list[dict]:

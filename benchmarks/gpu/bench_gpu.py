@@ -44,7 +44,7 @@ LAYERS = [("llm.q/o_proj", 3584, 3584, False), ("llm.gate/up", 18944, 3584, Fals
 ROWS = (1, 16, 256, 1024, 4096)
 DRY_LAYERS = [("llm.q/o_proj", 64, 64, False), ("llm.gate/up", 96, 64, False), ("llm.down_proj", 64, 96, True),
               ("vit.proj", 32, 32, False), ("vit.fc1", 80, 32, False), ("vit.fc2", 32, 80, True)]
-DRY_ROWS = (1, 17)
+DRY_ROWS = (1, 9)
 CHECK_ROWS = 16
 PLAIN = ("fp16", "int_mm", "w8a8_static", "w8a8_msq", "w8a8_dynamic", "w4a8_static", "w8a8_static_sepq")
 HAD = ("w8a8_static_had", "w8a8_msq_had", "w8a8_dynamic_had", "w4a8_static_had", "fwht_quant_only")
