@@ -45,7 +45,10 @@ class KernelRunner:
         """The text scale as a float (per-tensor kernel path), or the [rows] MSQ scales: same
         values as QuantLinear.act_scale_rows, gathered with one index op."""
         rows = modality_row_scales(module.act_scale, module.modality_ctx, x.shape[:-1])
-        return float(module.act_scale[TEXT]) if rows is None else rows
+        if rows is not None:
+            return rows
+        text = module.act_scale[TEXT]
+        return float(text) if text.device.type == "cpu" else text.reshape(1)  # no host sync on a GPU
 
     @property
     def nbytes(self) -> int:

@@ -3,8 +3,8 @@
 A backend prepares a weight once at load time (`prepare_weight`) and then runs
 `linear_static` / `linear_dynamic`: quantize the float activation to int8 codes, integer GEMM,
 float epilogue.  All backends implement the convention of `reference.py`; they differ only in
-speed.  Backends register themselves from `int8_cpu.py` (oneDNN, FBGEMM, torch._int_mm) and
-`w4a8.py` (the native C kernels and their pure-PyTorch twin).
+speed.  Backends register themselves from `int8_cpu.py` (oneDNN, FBGEMM, torch._int_mm),
+`w4a8.py` (the native C kernels and their pure-PyTorch twin) and `triton_gpu.py` (CUDA).
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ class Backend:
     per_group: bool  # accepts per-group weight scales
     available: Callable[[], bool]
     prepare: Callable[[torch.Tensor, torch.Tensor, int], dict[str, Any]]  # (codes, w_scale [N, G], bits)
-    run: Callable[..., torch.Tensor]  # (x, scale, data, bias, rank1[, prologue=]) -> y
+    run: Callable[..., torch.Tensor]  # (x, scale, data, bias, rank1[, prologue=][, out_dtype=]) -> y
     fuses_prologue: bool = False  # runs an InputPrologue inside the kernel (online Hadamard, RMS split)
+    device_types: Callable[[], tuple[str, ...]] = lambda: ("cpu",)  # tensor devices it runs on here
+    # Takes x in its own dtype and device and writes `out_dtype` itself (GPU kernels: no float32
+    # copy of the activation, no host sync for scales); the others get float32 CPU tensors.
+    native_io: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class PreparedWeight:
     group_size: int  # == k_in for per-channel scales
     data: dict[str, Any] = field(repr=False, compare=False)
     impl: Backend = field(repr=False, compare=False)
+    device: str = "cpu"  # device type the packed weight lives on
 
 
 _REGISTRY: dict[tuple[int, str], Backend] = {}
@@ -70,6 +75,14 @@ _PREFERENCE_VNNI: dict[int, tuple[str, ...]] = {8: ("native", "onednn", "int_mm"
                                                4: ("native", "torch")}
 _PREFERENCE_OTHER: dict[int, tuple[str, ...]] = {8: ("onednn", "int_mm", "fbgemm", "native", "torch"),
                                                 4: ("native", "torch")}
+# CUDA tensors: the Triton kernels; the device-agnostic PyTorch twin (float64 sums) when triton is
+# missing.  CPU tensors never list "triton": its interpreter (TRITON_INTERPRET=1, for tests) runs
+# only when asked for by name.
+_PREFERENCE_DEVICE: tuple[str, ...] = ("triton", "torch")
+
+
+def _device_type(device: torch.device | str | None) -> str:
+    return "cpu" if device is None else torch.device(device).type
 
 
 def register(backend: Backend) -> None:
@@ -77,21 +90,27 @@ def register(backend: Backend) -> None:
         _REGISTRY[(bits, backend.name)] = backend
 
 
-def available_backends(bits: int = 8, per_group: bool = False) -> list[str]:
-    """Names of the backends usable here for `bits`-bit weights, fastest first."""
-    level = _native.isa()
-    preference = (_PREFERENCE_VNNI if level == 2 else _PREFERENCE_OTHER).get(bits, ())
-    if level == 0 and bits == 4:
-        preference = ("torch", "native")
+def available_backends(bits: int = 8, per_group: bool = False, device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends usable here for `bits`-bit weights on `device` (default CPU), fastest first."""
+    kind = _device_type(device)
+    if kind == "cpu":
+        level = _native.isa()
+        preference = (_PREFERENCE_VNNI if level == 2 else _PREFERENCE_OTHER).get(bits, ())
+        if level == 0 and bits == 4:
+            preference = ("torch", "native")
+    else:
+        preference = _PREFERENCE_DEVICE
     names = [n for n in preference if (bits, n) in _REGISTRY]
-    return [n for n in names if _REGISTRY[(bits, n)].available() and (_REGISTRY[(bits, n)].per_group or not per_group)]
+    return [n for n in names if _REGISTRY[(bits, n)].available() and kind in _REGISTRY[(bits, n)].device_types()
+            and (_REGISTRY[(bits, n)].per_group or not per_group)]
 
 
-def select_backend(bits: int = 8, per_group: bool = False) -> str:
-    """The fastest available backend for this weight width (and scale granularity)."""
-    names = available_backends(bits, per_group)
+def select_backend(bits: int = 8, per_group: bool = False, device: torch.device | str | None = None) -> str:
+    """The fastest available backend for this weight width (and scale granularity) on `device`:
+    CUDA tensors get the Triton kernels, CPU tensors the native/oneDNN/... CPU kernels."""
+    names = available_backends(bits, per_group, device)
     if not names:
-        raise ConfigError(f"no integer kernel backend for W{bits}A8 here; use bits 4 or 8")
+        raise ConfigError(f"no integer kernel backend for W{bits}A8 on {_device_type(device)} here; use bits 4 or 8 (CUDA: pip install triton==3.9.0)")
     return names[0]
 
 
@@ -105,20 +124,26 @@ def _backend(bits: int, name: str) -> Backend:
 
 
 def prepare_weight(codes: torch.Tensor, w_scale: torch.Tensor, backend: str | None = None,
-                   bits: int = 8) -> PreparedWeight:
+                   bits: int = 8, device: torch.device | str | None = None) -> PreparedWeight:
     """Pack int8 weight codes [N, K] (4-bit: int8 in [-8, 7] or packed uint8 [N, K/2]) with
     per-channel [N] / [N, 1] or per-group [N, K/g] float scales, once, for `backend`
-    (default: `select_backend(bits)`)."""
+    (default: `select_backend(bits, device=...)`), on `device` (default: where `codes` are)."""
     if bits not in (4, 8):
         raise ConfigError(f"weight bits must be 4 or 8, got {bits}")
+    target = torch.device(device) if device is not None else codes.device
     codes = as_codes(codes.detach().cpu(), bits)
     n_out, k_in = codes.shape
     ws, group = weight_groups(w_scale.detach().cpu(), n_out, k_in)
-    name = backend or select_backend(bits, per_group=group != k_in)
+    name = backend or select_backend(bits, per_group=group != k_in, device=target)
     impl = _backend(bits, name)
     if group != k_in and not impl.per_group:
         raise ConfigError(f"backend {name!r} supports per-channel weight scales only; use 'native' or 'torch' for per-group")
-    return PreparedWeight(name, bits, n_out, k_in, group, impl.prepare(codes.contiguous(), ws, bits), impl)
+    if target.type not in impl.device_types():
+        raise ConfigError(f"backend {name!r} does not run on {target.type} tensors here; choose one of {available_backends(bits, device=target)}")
+    data = impl.prepare(codes.contiguous(), ws, bits)
+    if target.type != "cpu":
+        data = {k: v.to(target) if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    return PreparedWeight(name, bits, n_out, k_in, group, data, impl, target.type)
 
 
 # The helpers below skip every conversion that is not needed: at decode (M=1) on small layers the
@@ -139,12 +164,12 @@ def _flat_input(x: torch.Tensor, k_in: int) -> torch.Tensor:
     return x.reshape(-1, k_in).to(torch.float32).contiguous()
 
 
-def _static_scale_arg(x_scale: StaticScale, rows: int) -> ScaleArg:
+def _static_scale_arg(x_scale: StaticScale, rows: int, device: torch.device) -> ScaleArg:
     if isinstance(x_scale, (int, float)):
         return ctypes.c_float(x_scale).value  # rounded to the float32 the kernels divide by
     if isinstance(x_scale, torch.Tensor) and x_scale.numel() == 1:
         return ctypes.c_float(float(x_scale)).value
-    return row_scales(x_scale, rows).contiguous()
+    return row_scales(x_scale, rows).to(device).contiguous()
 
 
 def input_prologue(k_in: int, online_hadamard: bool, rms_w0: torch.Tensor | None) -> InputPrologue | None:
@@ -159,18 +184,37 @@ def input_prologue(k_in: int, online_hadamard: bool, rms_w0: torch.Tensor | None
     return InputPrologue(hadamard, w0)
 
 
+def _run_native_io(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tensor | None,
+                   rank1: Rank1, out_dtype: torch.dtype | None, prologue: InputPrologue | None) -> torch.Tensor:
+    if x.shape[-1] != prepared.k_in:
+        raise InputError(f"activation has {x.shape[-1]} features but the weight expects {prepared.k_in}")
+    x2 = x.reshape(-1, prepared.k_in)
+    rows = x2.shape[0]
+    if scale is _DYNAMIC:
+        scale = None
+    elif isinstance(scale, torch.Tensor) and scale.numel() not in (1, rows):
+        row_scales(scale, rows)  # raises the one-line error
+    b32 = None if bias is None else _f32_vector(bias, prepared.n_out, "bias")
+    r1 = None if rank1 is None else (_f32_vector(rank1[0], rows, "rank-1 row factor"),
+                                     _f32_vector(rank1[1], prepared.n_out, "rank-1 column factor"))
+    y = prepared.impl.run(x2, scale, prepared.data, b32, r1, prologue=prologue, out_dtype=out_dtype or x.dtype)
+    return y.reshape(*x.shape[:-1], prepared.n_out) if x.dim() != 2 else y
+
+
 def _run(x: torch.Tensor, scale: Any, prepared: PreparedWeight, bias: torch.Tensor | None,
          rank1: Rank1, out_dtype: torch.dtype | None, prologue: InputPrologue | None = None) -> torch.Tensor:
+    if prepared.impl.native_io:
+        return _run_native_io(x, scale, prepared, bias, rank1, out_dtype, prologue)
     x2 = _flat_input(x, prepared.k_in)
     rows = x2.shape[0]
-    scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, rows)
+    scale_arg = None if scale is _DYNAMIC else _static_scale_arg(scale, rows, x2.device)
     b32 = None if bias is None else _f32_vector(bias, prepared.n_out, "bias")
     r1 = None if rank1 is None else (_f32_vector(rank1[0], rows, "rank-1 row factor"),
                                      _f32_vector(rank1[1], prepared.n_out, "rank-1 column factor"))
     if prologue is None:
         y = prepared.impl.run(x2, scale_arg, prepared.data, b32, r1)
     elif not prepared.impl.fuses_prologue:
-        raise ConfigError(f"backend {prepared.backend!r} cannot fuse the online Hadamard / RMS prologue; use 'native'")
+        raise ConfigError(f"backend {prepared.backend!r} cannot fuse the online Hadamard / RMS prologue; use 'native' (CPU) or 'triton' (CUDA)")
     else:
         y = prepared.impl.run(x2, scale_arg, prepared.data, b32, None, prologue=prologue)
     if x.dim() != 2:

@@ -36,11 +36,11 @@ _MQ_ERRORS = {-1: "the requested ISA level is not supported by this CPU",
 _FALLBACK_CHUNK_BYTES = 1 << 28  # bound on the [groups, M, N] float64 partial sums of the fallback
 
 
-def _row_scales_arg(scale: ScaleArg, rows: int) -> Optional[torch.Tensor]:
+def _row_scales_arg(scale: ScaleArg, rows: int, device: torch.device) -> Optional[torch.Tensor]:
     if scale is None:
         return None
     if isinstance(scale, float):
-        return torch.full((rows,), scale, dtype=torch.float32)
+        return torch.full((rows,), scale, dtype=torch.float32, device=device)
     return scale
 
 
@@ -123,7 +123,7 @@ def run_torch(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Opti
     then * s_x, + bias, + a*b, each rounded to float32 once."""
     codes, ws, group = data["codes"], data["scales"], data["group"]
     rows = x.shape[0]
-    scales = dynamic_row_scales(x) if scale is None else _row_scales_arg(scale, rows)
+    scales = dynamic_row_scales(x) if scale is None else _row_scales_arg(scale, rows, x.device)
     xq = quantize_rows(x, scales)
     groups = ws.shape[1]
     chunk = max(1, _FALLBACK_CHUNK_BYTES // max(1, 8 * rows * codes.shape[0]))
@@ -142,7 +142,8 @@ def run_torch(x: torch.Tensor, scale: ScaleArg, data: dict[str, Any], bias: Opti
 
 
 register(Backend("native", (4, 8), True, _native_available, _native_prepare, run_native, fuses_prologue=True))
-register(Backend("torch", (4, 8), True, lambda: True, _torch_prepare, run_torch))
+# Pure torch ops, so it also runs on CUDA tensors: the fallback there when triton is missing.
+register(Backend("torch", (4, 8), True, lambda: True, _torch_prepare, run_torch, device_types=lambda: ("cpu", "cuda")))
 
 
 def native_isa() -> str:
