@@ -34,8 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from mquant.core.actquant import dynamic_row_scales, quantize_rows  # noqa: E402
-from mquant.kernels import input_prologue, linear_dynamic, linear_static, prepare_weight  # noqa: E402
-from mquant.kernels import triton_gpu  # noqa: E402
+from mquant.kernels import (  # noqa: E402
+    input_prologue,
+    linear_dynamic,
+    linear_static,
+    prepare_weight,
+    triton_gpu,  # noqa: E402
+)
 from mquant.kernels.reference import reference_error_bound, reference_linear, row_scales  # noqa: E402
 
 # (name, out N, in K, has an online Hadamard before it)

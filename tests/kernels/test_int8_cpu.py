@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-from mquant.errors import ConfigError, InputError
-from mquant.kernels import (available_backends, linear_dynamic, linear_static, prepare_weight, reference_linear,
-                            select_backend)
-from mquant.kernels import _native
-from mquant.kernels.int8_cpu import quantize_activation
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.errors import ConfigError, InputError
+from mquant.kernels import _native, available_backends, linear_dynamic, linear_static, prepare_weight, reference_linear, select_backend
+from mquant.kernels.int8_cpu import quantize_activation
 from mquant.kernels.reference import reference_error_bound, row_scales
 
 W8_BACKENDS = available_backends(8)

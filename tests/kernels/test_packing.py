@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mquant.errors import ConfigError
-from mquant.kernels.packing import (native_layout, native_scales, pack_int4, pack_native, unpack_int4)
+from mquant.kernels.packing import native_layout, native_scales, pack_int4, pack_native, unpack_int4
 
 
 def test_pack_int4_nibble_order_and_twos_complement():

@@ -5,8 +5,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from mquant.errors import ConfigError, InputError
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.errors import ConfigError, InputError
 from mquant.kernels.reference import reference_error_bound, reference_linear, row_scales, weight_groups
 
 

@@ -19,8 +19,16 @@ import torch
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
 from mquant.core.hadamard import fwht
 from mquant.errors import ConfigError
-from mquant.kernels import common, input_prologue, linear_dynamic, linear_static, prepare_weight, select_backend
-from mquant.kernels import available_backends, triton_gpu
+from mquant.kernels import (
+    available_backends,
+    common,
+    input_prologue,
+    linear_dynamic,
+    linear_static,
+    prepare_weight,
+    select_backend,
+    triton_gpu,
+)
 from mquant.kernels.reference import reference_error_bound, reference_linear, row_scales
 
 needs_triton = pytest.mark.skipif(not triton_gpu.triton_installed(), reason="triton not installed")

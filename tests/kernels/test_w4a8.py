@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from mquant.kernels import (_native, available_backends, linear_dynamic, linear_static, pack_int4, prepare_weight,
-                            reference_linear, select_backend)
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
+from mquant.kernels import (
+    _native,
+    available_backends,
+    linear_dynamic,
+    linear_static,
+    pack_int4,
+    prepare_weight,
+    reference_linear,
+    select_backend,
+)
 from mquant.kernels.reference import reference_error_bound, row_scales
 from mquant.kernels.w4a8 import run_native, run_torch
 
@@ -131,9 +139,9 @@ def test_empty_input_every_backend(bits):
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("isa", ISA_LEVELS)
 def test_native_hadamard_prologue_equals_fwht(k_in, rms, isa):
+    from mquant.core.hadamard import fwht
     from mquant.kernels.common import input_prologue
     from mquant.kernels.w4a8 import hadamard_rows
-    from mquant.core.hadamard import fwht
 
     x = torch.randn(11, k_in, generator=torch.Generator().manual_seed(k_in)) * 3  # 11 rows: a partial row tile
     P, m, H = input_prologue(k_in, True, None).hadamard
@@ -149,8 +157,8 @@ def test_native_hadamard_prologue_equals_fwht(k_in, rms, isa):
 @needs_native
 @pytest.mark.parametrize("scale", [0.05, None])
 def test_fused_prologue_linear_equals_prologue_then_linear(scale):
-    from mquant.kernels.common import input_prologue
     from mquant.core.hadamard import fwht
+    from mquant.kernels.common import input_prologue
 
     x, w, ws, bias, _ = _problem(4, rows=7, n_out=48, k_in=384)
     w0 = torch.randn(48)

@@ -9,12 +9,20 @@ row block) or dynamic per-token activation quantization, all int-exact against `
 CUDA tensors select the `triton` backend (triton_gpu.py) automatically.
 """
 
-from mquant.kernels.common import (InputPrologue, PreparedWeight, available_backends, input_prologue, linear_dynamic,
-                     linear_static, prepare_weight, select_backend)
+# Importing a backend module registers it; triton_gpu imports triton only when a kernel runs.
+from mquant.kernels import int8_cpu, triton_gpu  # noqa: F401
+from mquant.kernels.common import (
+    InputPrologue,
+    PreparedWeight,
+    available_backends,
+    input_prologue,
+    linear_dynamic,
+    linear_static,
+    prepare_weight,
+    select_backend,
+)
 from mquant.kernels.packing import pack_int4, unpack_int4
 from mquant.kernels.reference import reference_linear, reference_linear_float
-from mquant.kernels import int8_cpu  # noqa: F401  (importing a backend module registers it)
-from mquant.kernels import triton_gpu  # noqa: F401  (registers; imports triton only when a kernel runs)
 from mquant.kernels.w4a8 import native_isa
 
 __all__ = ["InputPrologue", "input_prologue", "PreparedWeight", "available_backends", "linear_dynamic", "linear_static", "native_isa", "pack_int4",

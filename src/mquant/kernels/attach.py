@@ -16,9 +16,9 @@ from torch import nn
 from mquant.core.modality import TEXT, modality_row_scales
 from mquant.core.qlinear import QuantLinear
 from mquant.core.sizes import stored_bytes
-from mquant.quantizers.quantizer import pack_int4
 from mquant.core.swap import quant_linears
 from mquant.kernels.common import InputPrologue, PreparedWeight, input_prologue, linear_dynamic, linear_static, prepare_weight
+from mquant.quantizers.quantizer import pack_int4
 
 
 @dataclass

@@ -22,10 +22,20 @@ from typing import Any, Optional
 
 import torch
 
-from mquant.kernels import _native
-from mquant.kernels.common import (Backend, PreparedWeight, Rank1, ScaleArg, available_backends, linear_dynamic,
-                     linear_static, prepare_weight, register, select_backend)
 from mquant.core.actquant import dynamic_row_scales, quantize_codes
+from mquant.kernels import _native
+from mquant.kernels.common import (
+    Backend,
+    PreparedWeight,
+    Rank1,
+    ScaleArg,
+    available_backends,
+    linear_dynamic,
+    linear_static,
+    prepare_weight,
+    register,
+    select_backend,
+)
 
 __all__ = ["prepare_weight", "linear_static", "linear_dynamic", "select_backend", "available_backends",
            "PreparedWeight", "quantize_activation"]

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mquant.errors import ConfigError
 from mquant.quantizers.quantizer import pack_int4 as _pack_int4
 from mquant.quantizers.quantizer import unpack_int4 as _unpack_int4
-
-from mquant.errors import ConfigError
 
 COLS = 16  # output columns per block = int32 lanes of a ZMM register
 INT4_MIN, INT4_MAX = -8, 7

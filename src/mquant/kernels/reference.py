@@ -22,7 +22,6 @@ import torch
 from mquant.core.actquant import dynamic_row_scales, quantize_rows
 from mquant.errors import ConfigError, InputError
 
-
 RowBlocks = Sequence[tuple[int, int, float]]
 StaticScale = Union[float, torch.Tensor, RowBlocks]
 

@@ -28,10 +28,28 @@ import torch
 from mquant.errors import ConfigError, InputError
 from mquant.kernels.common import Backend, InputPrologue, Rank1, register
 from mquant.kernels.packing import pack_int4
-from mquant.kernels.triton_prologue import (Scale, dynamic_scale, hadamard_pass, hadamard_quantize, hadamard_plan,
-                                            hadamard_transform, quantize_codes, quantize_rows_triton, static_scale)
-from mquant.kernels.triton_runtime import (FLOATS, device_check, device_types, float_input, interpreting, jit,
-                                           load_kernels, triton_installed, vec)
+from mquant.kernels.triton_prologue import (
+    Scale,
+    dynamic_scale,
+    hadamard_pass,
+    hadamard_plan,
+    hadamard_quantize,
+    hadamard_transform,
+    quantize_codes,
+    quantize_rows_triton,
+    static_scale,
+)
+from mquant.kernels.triton_runtime import (
+    FLOATS,
+    device_check,
+    device_types,
+    float_input,
+    interpreting,
+    jit,
+    load_kernels,
+    triton_installed,
+    vec,
+)
 
 __all__ = ["TILE_TABLE", "Tiles", "device_types", "gemm_tiles", "hadamard_plan", "hadamard_quantize",
            "hadamard_transform", "interpreting", "load_kernels", "quantize_rows_triton", "run_triton", "triton_installed"]

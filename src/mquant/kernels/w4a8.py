@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import torch
 
+from mquant.core.actquant import dynamic_row_scales, quantize_rows
 from mquant.errors import ConfigError, ResourceError
 from mquant.kernels import _native
 from mquant.kernels.common import Backend, InputPrologue, Rank1, ScaleArg, register
 from mquant.kernels.packing import native_layout, native_scales, pack_native
-from mquant.core.actquant import dynamic_row_scales, quantize_rows
 
 _MQ_ERRORS = {-1: "the requested ISA level is not supported by this CPU",
               -2: "invalid shapes for the native kernel", -3: "out of memory for activation buffers"}
