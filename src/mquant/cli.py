@@ -164,13 +164,14 @@ def bench(
     text_tokens: int = typer.Option(32, help="Approximate text tokens in the prompt"),
     new_tokens: int = typer.Option(16, help="Tokens generated for the decode measurement"),
     repeats: int = typer.Option(5, help="Timed repetitions (median reported)"),
-    backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch (default: fastest)"),
+    backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch | triton (default: fastest for the device)"),
+    device: str = typer.Option("cpu", help="cpu, or cuda[:N]: quantized layers then run on the Triton kernels"),
     variants: str = typer.Option(",".join(VARIANTS)),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log)
+    result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log, device=device)
     emit(result, as_json, bench_text(result))
 
 

@@ -69,14 +69,37 @@ def variant_recipe(name: str) -> Recipe | None:
     return recipe_for("rtn", scheme, act)
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: packs caches, first-call allocations
+def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn`; on CUDA the queue is drained around each call (kernels run async)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()  # warm-up: packs caches, first-call allocations (and Triton's compilation on CUDA)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def bench_device(device: str) -> torch.device:
+    """The device to run on: 'cpu', or 'cuda[:N]' where CUDA is present (one-line error otherwise)."""
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device '{device}'; use cpu or cuda[:N]") from exc
+    if target.type not in ("cpu", "cuda"):
+        raise ConfigError(f"mquant bench runs on cpu or cuda, not '{device}'")
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch has no CUDA device; use --device cpu or a CUDA build of torch")
+    return target
+
+
+def kernel_backends(model: torch.nn.Module) -> str:
+    """The backend(s) the model's quantized layers actually run on, e.g. 'native' or 'triton'."""
+    names = sorted({m.kernel.prepared.impl.name for m in model.modules() if getattr(m, "kernel", None) is not None})
+    return "+".join(names) or "none"
 
 
 @dataclass
@@ -92,38 +115,43 @@ class BenchRow:
         return dict(self.__dict__)
 
 
-def prepare_variant(name: str, float_model: torch.nn.Module, calib: list[dict], backend: str | None) -> tuple[torch.nn.Module, int]:
+def prepare_variant(name: str, float_model: torch.nn.Module, calib: list[dict], backend: str | None,
+                    device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, int]:
+    """The variant on `device`. Calibration runs on the CPU copy; the kernels are then prepared
+    where the weights live, so on CUDA `attach_kernels` picks the Triton backend by itself."""
     model = copy.deepcopy(float_model)
     if name == "fp32":
-        return model, stored_bytes(model)
+        return model.to(device), stored_bytes(model)
     if name == "bf16":
         model = model.to(torch.bfloat16)
-        return model, stored_bytes(model)
+        return model.to(device), stored_bytes(model)
     quantize(model, variant_recipe(name), calib)
+    model.to(device)
     attach_kernels(model, backend=backend, free_reference=True)
     return model, kernel_weight_bytes(model)
 
 
 def measure(model: torch.nn.Module, batch: dict, new_tokens: int, repeats: int) -> tuple[float, float, int]:
     """(prefill seconds, decode tokens/s, bytes the run added to the process)."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
+    ref = next(p for p in model.parameters() if p.is_floating_point())
+    inputs = {k: (v.to(ref.dtype) if v.is_floating_point() else v).to(ref.device) for k, v in batch.items()}
     with torch.no_grad(), RssPeak() as rss:
-        prefill = _median_seconds(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
+        prefill = _median_seconds(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats, ref.device)
         generate = _median_seconds(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                          do_sample=False), max(1, repeats // 2))
+                                                          do_sample=False), max(1, repeats // 2), ref.device)
     decode = max(generate - prefill, 1e-9)
     return prefill, (new_tokens - 1) / decode, rss.peak - rss.start
 
 
 def run_bench(float_model: torch.nn.Module, batch: dict, calib: list[dict], variants=VARIANTS, new_tokens: int = 16,
-              repeats: int = 5, backend: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+              repeats: int = 5, backend: str | None = None, log: Callable[[str], None] = print,
+              device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     rows = []
     for name in variants:
-        model, weight = prepare_variant(name, float_model, calib, backend)
+        model, weight = prepare_variant(name, float_model, calib, backend, device)
         prefill, decode, added = measure(model, batch, new_tokens, repeats)
         rows.append(BenchRow(name, prefill * 1e3, decode, weight, weight + added,
-                             "torch" if name in ("fp32", "bf16") else (backend or "auto")))
+                             "torch" if name in ("fp32", "bf16") else kernel_backends(model)))
         log(f"{name:14s} prefill {prefill * 1e3:8.1f} ms  decode {decode:7.1f} tok/s  weights {weight / 2**20:7.1f} MiB")
         del model
     by = {r.variant: r for r in rows}
@@ -135,7 +163,7 @@ def run_bench(float_model: torch.nn.Module, batch: dict, calib: list[dict], vari
             ratios[f"prefill_speedup_{a}_vs_{b}"] = by[b].prefill_ms / by[a].prefill_ms
             ratios[f"decode_speedup_{a}_vs_{b}"] = by[a].decode_tokens_per_s / by[b].decode_tokens_per_s
             ratios[f"weight_bytes_{a}_over_{b}"] = by[a].weight_bytes / by[b].weight_bytes
-    return {"rows": [r.to_dict() for r in rows], "ratios": ratios, "threads": torch.get_num_threads()}
+    return {"rows": [r.to_dict() for r in rows], "ratios": ratios, "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: int) -> dict:
@@ -152,18 +180,19 @@ def default_model_bench_inputs(processor: Any, visual_tokens: int, text_tokens: 
 
 def bench_model(model_source: str | None = None, variants: Sequence[str] = VARIANTS, visual_tokens: int = 256,
                 text_tokens: int = 32, new_tokens: int = 16, repeats: int = 5, backend: str | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
     """`mquant bench`: check the variant names, load the (default) model, build its prompt and 4
     calibration samples, run `run_bench`; the result also names the model and its prompt's size."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown bench variant(s) {unknown}; use any of {', '.join(VARIANTS)}")
+    target = bench_device(device)
     loaded = load_float_model(model_source)
     if not hasattr(loaded.processor, "encode_prompt"):
         raise ConfigError("mquant bench builds its prompts for the default model; pass no MODEL (other models: benchmarks/bench_linear.py)")
     batch = default_model_bench_inputs(loaded.processor, visual_tokens, text_tokens)
     calib = build_calibration_inputs(CalibConfig(n_samples=4), loaded.processor, loaded.model)
-    result = run_bench(loaded.model, batch, calib, list(variants), new_tokens, repeats, backend, log=log)
+    result = run_bench(loaded.model, batch, calib, list(variants), new_tokens, repeats, backend, log=log, device=target)
     result.update({"visual_tokens": int((batch["input_ids"] == loaded.model.config.image_token_index).sum()),
                    "prompt_tokens": int(batch["input_ids"].shape[1]), "model": loaded.source})
     return result
