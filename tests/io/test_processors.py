@@ -115,3 +115,43 @@ def test_missing_optional_package_is_one_line_error(qwen, tmp_path, monkeypatch,
 def test_missing_package_names():
     assert missing_package(ImportError("X requires the Torchvision library but it was not found")) == "torchvision"
     assert missing_package(ModuleNotFoundError("No module named 'timm.layers'", name="timm.layers")) == "timm"
+
+
+def test_saved_processors_have_the_hub_files(tmp_path):
+    """preprocessor_config.json (the image processor with its processor_class) next to transformers 5's
+    processor_config.json, and a tokenizer class every transformers release knows."""
+    from mquant.io.processors import save_processor
+
+    processor = tiny_qwen_processor(tiny_case("qwen2_vl").model)
+    save_processor(processor, tmp_path)
+    image = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert image["processor_class"] == "Qwen2VLProcessor" and image["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert image["patch_size"] == 4 and image["merge_size"] == 2
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    again = load_processor(str(tmp_path))
+    assert again.image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+def test_default_model_exports_carry_a_loadable_llava_processor(tmp_path):
+    """The default model's processor (DefaultProcessor) is written as a standard LlavaProcessor by
+    both formats, so AutoProcessor (and a serving engine) can build its inputs."""
+    import copy
+
+    from transformers import AutoProcessor
+
+    from mquant.api import quantize, save_quantized
+    from mquant.config import recipe_for
+    from mquant.demo.processor import NUM_IMAGE_TOKENS, DefaultProcessor
+    from mquant.demo.smollm import load_smollm2_tokenizer
+    from mquant.io.compressed import export_compressed_tensors
+
+    case = tiny_case("llava_dinov2")
+    model = copy.deepcopy(case.model)
+    quantize(model, recipe_for("rtn", "w8a8"), [case.batch(batch_size=1, seed=0)])
+    processor = DefaultProcessor(load_smollm2_tokenizer())
+    for out in (export_compressed_tensors(model, tmp_path / "ct", processor=processor), save_quantized(model, tmp_path / "mq", processor)):
+        assert {"preprocessor_config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+        standard = AutoProcessor.from_pretrained(str(out))
+        batch = standard(images=[_image(0)], text=["<empty_output> hi"], return_tensors="pt")
+        assert int((batch["input_ids"] == processor.image_token_id).sum()) == NUM_IMAGE_TOKENS
+    assert isinstance(load_saved_processor(tmp_path / "mq"), DefaultProcessor)

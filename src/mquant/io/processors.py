@@ -18,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from mquant.demo.processor import DefaultProcessor
+from mquant.demo.processor import DefaultProcessor, llava_processor
 from mquant.errors import DependencyError
 
 # The pip spec to name for a missing package, where the bare name is not the right fix.
@@ -26,14 +26,37 @@ _PIP_SPECS = {"torchvision": "torchvision==0.28.0 (the release built for torch 2
 
 
 def save_processor(processor: Any, out_dir: Path) -> dict[str, Any]:
-    """Save the processor next to the weights; returns what `load_saved_processor` needs."""
+    """Save the processor next to the weights, as the standard transformers files (the default
+    model's as its equivalent LlavaProcessor); returns what `load_saved_processor` needs."""
     if isinstance(processor, DefaultProcessor):
-        processor.tokenizer.save_pretrained(out_dir)
+        _save_standard(llava_processor(processor.tokenizer), Path(out_dir))
         return {"processor": "default"}
     if processor is not None and hasattr(processor, "save_pretrained"):
-        processor.save_pretrained(out_dir)
+        _save_standard(processor, Path(out_dir))
         return {"processor": "auto"}
     return {"processor": None}
+
+
+def _save_standard(processor: Any, out_dir: Path) -> None:
+    """`save_pretrained`, plus the hub's preprocessor_config.json: transformers 5 nests the image
+    processor inside processor_config.json only, which older readers (and AutoVideoProcessor's
+    fallback, when torchvision is installed later) do not look in."""
+    processor.save_pretrained(out_dir)
+    _portable_tokenizer_class(out_dir / "tokenizer_config.json")
+    image = getattr(processor, "image_processor", None)
+    target = out_dir / "preprocessor_config.json"
+    if image is not None and not target.exists():
+        target.write_text(json.dumps(image.to_dict() | {"processor_class": type(processor).__name__}, indent=2, sort_keys=True) + "\n")
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """transformers 5 names a tokenizer built from tokenizer.json alone `TokenizersBackend`, a class
+    no earlier release has; `PreTrainedTokenizerFast` is what hub repos say for it and every
+    transformers >= 4 (5 included, as an alias) loads."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            path.write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False) + "\n")
 
 
 def load_saved_processor(model_dir: str | Path) -> Any:
