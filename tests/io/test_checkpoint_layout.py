@@ -17,10 +17,11 @@ from mquant.errors import ConfigError
 from mquant.io import checkpoint_layout as layout_mod
 from mquant.io.checkpoint_layout import TOWER_LAYOUTS, checkpoint_layout
 from mquant.io.compressed import export_compressed_tensors
-from mquant.models.registry import BUILTIN_FAMILIES, get_adapter
-from mquant.testing.tiny import TINY_FAMILIES, tiny_case
+from mquant.models import registry
+from mquant.models.registry import get_adapter
+from mquant.testing.tiny import TEXT_FAMILIES, TINY_FAMILIES, tiny_case
 
-FAMILIES = (*TINY_FAMILIES, "llava_dinov2")
+FAMILIES = (*TINY_FAMILIES, "llava_dinov2", *TEXT_FAMILIES)
 
 # What hub checkpoints of each family hold (and vLLM 0.32 loads, through its hf_to_vllm_mapper),
 # written out independently of the table: every exported tensor starts with one of these, and
@@ -28,6 +29,7 @@ FAMILIES = (*TINY_FAMILIES, "llava_dinov2")
 _LLAVA_HUB = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.", "multi_modal_projector.")
 _QWEN2_HUB = ("model.embed_tokens.", "model.layers.", "model.norm.", "visual.", "lm_head.")
 _NEW_HUB = ("model.language_model.", "model.visual.", "lm_head.")
+_CAUSAL_HUB = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
 HUB_PREFIXES = {
     "llava": _LLAVA_HUB,
     "llava_dinov2": ("language_model.model.", "language_model.lm_head.", "vision_tower.embeddings.", "vision_tower.encoder.layer.",
@@ -40,6 +42,9 @@ HUB_PREFIXES = {
     "qwen3_vl": _NEW_HUB,
     "glm4v": _NEW_HUB,
     "idefics3": ("model.text_model.", "model.vision_model.", "model.connector.", "lm_head."),
+    "llama": _CAUSAL_HUB,
+    "qwen2": _CAUSAL_HUB,
+    "qwen3": _CAUSAL_HUB,
 }
 
 
@@ -140,8 +145,9 @@ def test_tower_levels_are_the_ones_transformers_flattened():
 
 
 def test_every_family_has_a_layout():
-    families = {get_adapter(tiny_case(f).model).family for f in FAMILIES}
-    assert families <= set(layout_mod.FAMILY_PREFIXES) and set(BUILTIN_FAMILIES) <= set(layout_mod.FAMILY_PREFIXES)
+    registry.supported_model_types()  # loads the built-in adapters
+    families = {get_adapter(tiny_case(f).model).family for f in FAMILIES} | {a.family for a in registry._ADAPTERS}
+    assert families <= set(layout_mod.FAMILY_PREFIXES)
 
 
 def test_unknown_family_and_swiglu_dinov2_are_refused(monkeypatch):

@@ -16,8 +16,9 @@ checkpoints and vLLM 0.32's `hf_to_vllm_mapper`s:
   OneVision's `image_newline` (the llava-hf / InternVL-hf layout; vLLM maps the transformers-5
   spelling onto it too).
 - Qwen2-VL, Qwen2.5-VL: `model.*` (language model), `visual.*`, `lm_head`.
-- Qwen3-VL, GLM-4V, Idefics3/SmolVLM: the transformers-5 names are already the hub's
-  (`model.language_model.*` / `model.visual.*`, `model.text_model.*` ...).
+- Qwen3-VL, GLM-4V, Idefics3/SmolVLM, and the text-only Llama / Qwen2 / Qwen3 causal LMs: the
+  transformers-5 names are already the hub's (`model.language_model.*` / `model.visual.*`,
+  `model.text_model.*`, `model.layers.*` ...).
 - DINOv2 towers (the default model): the hub's `attention.attention.query` ... names inside blocks.
 """
 
@@ -52,6 +53,9 @@ FAMILY_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
     "qwen3_vl": (),
     "glm4v": (),
     "idefics3": (),
+    "llama": (),
+    "qwen2": (),
+    "qwen3": (),
 }
 
 
