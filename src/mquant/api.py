@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from mquant.calib.capture import capture_inputs
 from mquant.calib.checkpoint import open_checkpoint
-from mquant.calib.data import build_calibration_inputs
+from mquant.calib.data import build_calibration_inputs, build_text_calibration_inputs
 from mquant.calib.offload import OffloadSession, check_offloadable
 from mquant.calib.report import QuantReport
 from mquant.calib.sequential import SequentialCalibrator
@@ -40,7 +41,8 @@ def quantize(
     checkpoint_dir: str | Path | None = None,
     before_block: Callable[[Any], None] | None = None,
 ) -> QuantReport:
-    """Quantize every linear layer of a VLM (vision tower, projector, language model) in place.
+    """Quantize every linear layer of a VLM (vision tower, projector, language model), or of a
+    text-only causal LM (the language half; MSQ/AIFS, which act on visual tokens, are skipped), in place.
 
     `calib` is a CalibConfig (samples are built with `processor`) or a list of ready model-input
     dicts (one sample each). Returns the report; the model afterwards runs quantized.
@@ -51,10 +53,13 @@ def quantize(
     recipe = recipe or recipe_for("rtn", "w8a8")
     adapter = adapter or get_adapter(model)
     spec = adapter.validate(model)
-    samples = _calibration_samples(calib, processor, model)
-    masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
-    if not any(bool(m.any()) for m in masks):
-        raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
+    recipe, skipped = _fit_recipe(recipe, spec)
+    samples = _calibration_samples(calib, processor, model, spec.text_only)
+    masks = None  # a text-only model has no visual positions: every row is text
+    if not spec.text_only:
+        masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
+        if not any(bool(m.any()) for m in masks):
+            raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
     checkpoint = open_checkpoint(checkpoint_dir, recipe, samples, model)
     steps = build_steps(recipe)
     start = time.perf_counter()
@@ -67,6 +72,7 @@ def quantize(
         state.recipe = recipe
         state.track_modality(model, spec.image_token_ids)
         transform_info.update(install_steps(model, adapter, spec, steps))
+    transform_info.update(skipped)
     return QuantReport(
         model=type(model).__name__,
         recipe=recipe.to_dict(),
@@ -78,28 +84,48 @@ def quantize(
     )
 
 
+# MSQ's [text, visual] scale pair and AIFS's visual-first reordering act on visual tokens only: on a
+# text-only model both are identities, so they are left out of the recipe and the report says so.
+IMAGE_ONLY_STEPS = ("msq", "aifs")
+
+
+def _fit_recipe(recipe: Recipe, spec) -> tuple[Recipe, dict]:
+    dropped = [name for name in IMAGE_ONLY_STEPS if spec.text_only and recipe.has(name)]
+    for name in dropped:
+        recipe = recipe.without(name)
+    note = {"skipped_steps": {name: "no visual tokens in a text-only model: the step would be the identity" for name in dropped}}
+    return recipe, note if dropped else {}
+
+
 def _calibrate(model, spec, calibrator: SequentialCalibrator, samples, masks, recipe: Recipe, progress) -> None:
     """Vision blocks, then the projector, then language blocks: each stage is calibrated on the
-    outputs of the already-quantized stages before it."""
-    inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
-    calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
-    # The projector runs inside the model's forward (for DeepStack, in several places): its runner
-    # is a forward that stops at the first language block, so vision and projectors run, the LM not.
+    outputs of the already-quantized stages before it (a text-only model: language blocks only)."""
     first_language = spec.language.blocks[0].module
-    calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
-                         recipe.vision, "projector")
-    if progress is not None:
-        progress("projector", 1)
+    if not spec.text_only:
+        inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
+        calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
+        # The projector runs inside the model's forward (for DeepStack, in several places): its runner
+        # is a forward that stops at the first language block, so vision and projectors run, the LM not.
+        calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
+                             recipe.vision, "projector")
+        if progress is not None:
+            progress("projector", 1)
     inputs = capture_inputs(model, first_language, samples)
     calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks)
 
 
-def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module) -> list[dict]:
+def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module, text_only: bool) -> list[dict]:
     if calib is None:
         calib = CalibConfig()
-    samples = build_calibration_inputs(calib, processor, model) if isinstance(calib, CalibConfig) else list(calib)
+    if not isinstance(calib, CalibConfig):
+        samples = list(calib)
+    elif text_only:
+        samples = build_text_calibration_inputs(calib, processor)
+    else:
+        samples = build_calibration_inputs(calib, processor, model)
     if not samples:
-        raise CalibrationError("the calibration set is empty; pass image+prompt samples (--calib DIR|FILE.jsonl, --n-calib N >= 1)")
+        what = "text samples (--calib DIR of .txt|FILE.jsonl of {\"text\"})" if text_only else "image+prompt samples (--calib DIR|FILE.jsonl)"
+        raise CalibrationError(f"the calibration set is empty; pass {what}, --n-calib N >= 1")
     return samples
 
 
@@ -135,7 +161,7 @@ def quantize_and_save(model_source: str | None, recipe: Recipe, calib: CalibConf
     loaded = load_float_model(model_source)
     if progress is not None and hasattr(progress, "set_total"):
         spec = get_adapter(loaded.model).validate(loaded.model)
-        progress.set_total(len(spec.vision.blocks) + 1 + len(spec.language.blocks))
+        progress.set_total(sum(len(t.blocks) for t in spec.towers()) + (0 if spec.text_only else 1))
     report = quantize(loaded.model, recipe, calib, processor=loaded.processor, progress=progress)
     if progress is not None and hasattr(progress, "close"):
         progress.close()

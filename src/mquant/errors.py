@@ -27,6 +27,10 @@ class CheckpointError(MQuantError):
     """A saved model directory is missing, corrupt, truncated, or does not match."""
 
 
+class DependencyError(MQuantError):
+    """An optional package a model's files need is not installed (the message names the pip install)."""
+
+
 class InputError(MQuantError):
     """An image, prompt or file given at run time cannot be used."""
 

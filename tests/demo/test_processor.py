@@ -38,3 +38,24 @@ def test_mismatched_inputs(proc):
         proc([Image.new("RGB", (8, 8))], ["a", "b"])
     with pytest.raises(InputError):
         proc(["not an image"], ["a"])
+
+
+def test_standard_llava_processor_builds_identical_inputs(proc, tmp_path):
+    """The saved LlavaProcessor (what transformers and serving engines load) gives DefaultProcessor's
+    ids, mask and pixels bit for bit: batched with left padding, any image size, untrimmed questions."""
+    from transformers import AutoProcessor
+
+    from mquant.io.processors import save_processor
+
+    save_processor(proc, tmp_path)
+    standard = AutoProcessor.from_pretrained(str(tmp_path))
+    assert type(standard).__name__ == "LlavaProcessor"
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).byte().numpy()) for h, w in ((112, 112), (57, 300))]
+    questions = ["  what shape is in the image? ", "is there a red shape?"]
+    ours = proc(images, questions)
+    texts = [standard.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                          add_generation_prompt=True) for q in questions]
+    theirs = standard(images=images, text=texts, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(ours[key], theirs[key]), key

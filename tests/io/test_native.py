@@ -11,7 +11,7 @@ from safetensors import safe_open
 from mquant.api import load_quantized, quantize, save_quantized
 from mquant.config import recipe_for
 from mquant.core.swap import quant_linears
-from mquant.testing.tiny import TINY_FAMILIES, tiny_case
+from mquant.testing.tiny import TEXT_FAMILIES, TINY_FAMILIES, tiny_case
 
 # (language scheme, activations, group size, vision scheme): the vision tower and the language
 # model take different schemes so three runs per family cover all five schemes.
@@ -29,7 +29,7 @@ def _case_or_skip(family):
         pytest.skip(f"{family}: {exc}")
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES + TEXT_FAMILIES)
 def family(request):
     case = _case_or_skip(request.param)
     return case, [case.batch(batch_size=1, seed=0)], case.batch(batch_size=2, seed=100, text_only_row=True)

@@ -91,7 +91,8 @@ def forward_checkable(model) -> object:
     `vision.writers_after_input_norm` (GLM-4V's position table) adds them to the input norm's output,
     so block 0 does not read the norm output itself; its family test checks that stream start."""
     adapter = get_adapter(model)
-    if not adapter.validate(model).vision.writers_after_input_norm:
+    vision = adapter.validate(model).vision
+    if vision is None or not vision.writers_after_input_norm:
         return adapter
 
     class InputNormChecked(type(adapter)):
@@ -176,10 +177,17 @@ def test_every_linear_is_in_exactly_one_group(family):
     spec = get_adapter(case.model).validate(case.model)
     lm_head = [case.model.lm_head]
     check_linear_coverage(spec, [case.model], exclude=lm_head)  # nothing outside the groups but lm_head
-    check_linear_coverage(spec, [spec.vision.module, spec.projector.module, spec.language.module], exclude=lm_head)
-    # ... and the check names a projector linear the spec forgets.
-    last = spec.projector.groups[-1]
-    broken = dataclasses.replace(spec, projector=dataclasses.replace(spec.projector, groups=spec.projector.groups[:-1]))
+    parts = [t.module for t in spec.towers()] + ([spec.projector.module] if spec.projector is not None else [])
+    check_linear_coverage(spec, parts, exclude=lm_head)
+    # ... and the check names a projector linear (a causal LM: a block linear) the spec forgets.
+    if spec.projector is not None:
+        last = spec.projector.groups[-1]
+        broken = dataclasses.replace(spec, projector=dataclasses.replace(spec.projector, groups=spec.projector.groups[:-1]))
+    else:
+        block = spec.language.blocks[-1]
+        last = block.groups[-1]
+        blocks = (*spec.language.blocks[:-1], dataclasses.replace(block, groups=block.groups[:-1]))
+        broken = dataclasses.replace(spec, language=dataclasses.replace(spec.language, blocks=blocks))
     with pytest.raises(AssertionError, match=re.escape(last.linears[0].name)):
         check_linear_coverage(broken, [case.model], exclude=lm_head)
 
@@ -190,7 +198,8 @@ def test_every_linear_is_in_exactly_one_group(family):
 def test_spec_matches_forward_dataflow(family, dtype, kwargs):
     case = shared_case(family, dtype)
     batch = case.batch(**kwargs)
-    assert batch["pixel_values"].dtype == dtype
+    text_only = get_adapter(case.model).validate(case.model).text_only
+    assert ("pixel_values" not in batch) if text_only else batch["pixel_values"].dtype == dtype
     check_spec_against_forward(case.model, forward_checkable(case.model), batch)
 
 
@@ -202,6 +211,9 @@ def test_visual_token_mask_counts_the_image_tokens(family, kwargs):
     mask = get_adapter(case.model).visual_token_mask(case.model, batch["input_ids"])
     has_image = mask.any(dim=1)
     assert mask.shape == batch["input_ids"].shape
+    if get_adapter(case.model).validate(case.model).text_only:  # a causal LM: no visual position at all
+        assert not mask.any()
+        return
     assert has_image.tolist() == [not (kwargs.get("text_only_row") and row == len(mask) - 1) for row in range(len(mask))]
     if "image_grid_thw" in batch:  # M-RoPE families: one token per merged merge x merge unit of patches
         merge = case.model.config.vision_config.spatial_merge_size

@@ -14,7 +14,7 @@ from mquant.steps.fold import fold_affine_into_linear
 from mquant.steps.norms import stream_norms
 from mquant.steps.structure import apply_structure
 from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
-from mquant.testing.tiny import tiny_case
+from mquant.testing.tiny import TEXT_FAMILIES, tiny_case
 
 # What the step must decide per family (vision tower); language towers are RMSNorm already.
 EXPECTED_VISION = {
@@ -38,6 +38,10 @@ def test_ln_to_rms_keeps_logits(family):
     before = copy.deepcopy(case.model)
     info = apply_transforms(case.model, "ln_to_rms")["ln_to_rms"]
     assert_logits_equivalent(before, case.model, case.batch(2, seed=1, text_only_row=True))
+    assert info["language"]["action"] == "none"
+    if family in TEXT_FAMILIES:  # a causal LM: only its (RMSNorm) language tower, left alone
+        assert set(info) == {"language"}
+        return
     vision = info["vision"]
     assert vision["action"] == EXPECTED_VISION.get(family, vision["action"])
     assert info["language"]["action"] == "none"

@@ -31,7 +31,7 @@ def test_online_hadamard_keeps_logits(family):
     info = apply_transforms(case.model, "online_hadamard")["online_hadamard"]
     assert_logits_equivalent(before, case.model, case.batch(2, seed=3, text_only_row=True))
     spec = get_adapter(case.model).validate(case.model)
-    blocks = spec.vision.blocks + spec.language.blocks
+    blocks = [b for tower in spec.towers() for b in tower.blocks]  # a causal LM: its language blocks
     assert all(b.mlp_out.module.online_hadamard for b in blocks)
     assert len(info["layers"]) == len(blocks) and info["skipped"] == {}
 

@@ -43,7 +43,7 @@ def test_all_four_transforms_compose_exactly(family):
     apply_transforms(case.model, *ALL_STEPS[:3])
     spec = get_adapter(case.model).validate(case.model)
     recipe = recipe_for("mquant", "w4a8").with_steps(*ALL_STEPS)
-    blocks = spec.vision.blocks + spec.language.blocks
+    blocks = [b for tower in spec.towers() for b in tower.blocks]  # a causal LM: its language blocks
     assert all(rms.RMS(recipe.step("rms")).before_quant(block, _stats(9.0), []) for block in blocks)
     assert all(b.mlp_out.module.rms_split and b.mlp_out.module.outlier_ratio_before == 9.0 for b in blocks)
     assert not any(rms.RMS(recipe.step("rms")).before_quant(block, _stats(9.0), []) for block in blocks)  # idempotent

@@ -14,7 +14,7 @@ from mquant.steps import rotate as rotation
 from mquant.steps.fold import mean_preserving_rotation, rotate_tensor
 from mquant.steps.structure import apply_structure
 from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
-from mquant.testing.tiny import tiny_case
+from mquant.testing.tiny import TEXT_FAMILIES, tiny_case
 
 
 def _case(family: str):
@@ -35,15 +35,18 @@ def test_rotation_keeps_logits(family):
     assert_logits_equivalent(combined, alone, batch)
     both = apply_transforms(combined, "ln_to_rms", "rotate")
     assert_logits_equivalent(alone, combined, batch)
-    rot, action = both["rotate"], both["ln_to_rms"]["vision"]["action"]
+    # A causal LM has only its RMSNorm language tower: "none" to unify, rotated by the Hadamard.
+    rot, action = both["rotate"], both["ln_to_rms"].get("vision", {"action": "none"})["action"]
     expected = {"vision": "mean_preserving" if action == "folded" else "random_hadamard", "language": "random_hadamard"}
-    for part in ("vision", "language"):
+    parts = ("language",) if family in TEXT_FAMILIES else ("vision", "language")
+    assert {p for p in rot if p != "per_head"} == set(parts)
+    for part in parts:
         if family == "glm4v" and part == "language":
             assert not rot[part]["rotated"] and "sandwich" in rot[part]["reason"]
             continue
         assert rot[part]["rotated"] and rot[part]["rotation"] == expected[part], rot[part]
     # Without ln_to_rms, any LayerNorm tower needs the mean-preserving rotation.
-    assert info["vision"]["rotation"] == ("random_hadamard" if action == "none" else "mean_preserving")
+    assert family in TEXT_FAMILIES or info["vision"]["rotation"] == ("random_hadamard" if action == "none" else "mean_preserving")
     assert rot["per_head"]["language"]["blocks"] == len(get_adapter(case.model).validate(case.model).language.blocks)
 
 

@@ -49,15 +49,17 @@ def test_smoothing_keeps_logits(family):
     case = tiny_case(family, dtype=torch.float64)
     before = copy.deepcopy(case.model)
     spec = get_adapter(case.model).validate(case.model)
-    blocks = [*spec.vision.blocks, spec.projector, *spec.language.blocks]
+    vision = spec.vision.blocks if spec.vision is not None else ()
+    projector = [spec.projector] if spec.projector is not None else []  # a causal LM has neither
+    blocks = [*vision, *projector, *spec.language.blocks]
     stats = _calibration_stats(case.model, blocks, [case.batch(2, seed=2), case.batch(1, seed=3)])
-    norms = [n for b in spec.vision.blocks + spec.language.blocks for n in b.norms]
-    norms += [spec.projector.norm] if spec.projector.norm is not None else []
+    norms = [n for tower in spec.towers() for b in tower.blocks for n in b.norms]
+    norms += [p.norm for p in projector if p.norm is not None]
     gammas = [n.module.weight.detach().clone() for n in norms]
     step = SmoothQuant(recipe_for("smoothquant", "w8a8").step("smoothquant"))
     changed = [step.before_quant(block, block_stats, []) for block, block_stats in zip(blocks, stats)]
-    assert all(changed[: len(spec.vision.blocks)]) and all(changed[len(spec.vision.blocks) + 1 :])
-    assert changed[len(spec.vision.blocks)] == (spec.projector.norm is not None)
+    assert all(changed[: len(vision)]) and all(changed[len(vision) + len(projector):])
+    assert changed[len(vision): len(vision) + len(projector)] == [p.norm is not None for p in projector]
     assert not any(torch.equal(n.module.weight, g) for n, g in zip(norms, gammas))  # every norm was smoothed
     # Measured: 0.0 on every family (transformers' RMSNorms round their input to float32, which hides
     # float64 rounding); dropping β / s or the W·s fold fails here far above the tolerance.
@@ -118,7 +120,7 @@ def _inject_outliers(model: nn.Module, scale: float) -> set[str]:
     spec = get_adapter(model).validate(model)
     channels, fed = torch.tensor(OUTLIER_CHANNELS), set()
     with torch.no_grad():
-        for norm in [n for b in spec.vision.blocks + spec.language.blocks for n in b.norms]:
+        for norm in [n for tower in spec.towers() for b in tower.blocks for n in b.norms]:
             norm.module.weight[channels] *= scale
             if getattr(norm.module, "bias", None) is not None:
                 norm.module.bias[channels] *= scale

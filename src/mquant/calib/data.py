@@ -1,8 +1,10 @@
 """Calibration samples: image + prompt pairs from the offline default set, a folder, a JSONL file or
-a `datasets` name, encoded into model inputs by the model's processor.
+a `datasets` name, encoded into model inputs by the model's processor; for a text-only causal LM,
+text from the same kinds of source, tokenized into windows of TEXT_TOKENS tokens.
 
 Calibration always comes from *training* data: the default source is the easy-VQA train split,
-never the test split that evaluation scores.
+never the test split that evaluation scores; the default text is the part of Python's bundled
+`pydoc_data` prose after the first EVAL_TEXT_CHARS characters, which the perplexity task scores.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mquant.config import CalibConfig
 from mquant.demo.easyvqa import load_split
 from mquant.errors import CalibrationError, InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+TEXT_SUFFIXES = {".txt", ".md"}
 DEFAULT_PROMPT = "Describe the image."
+EVAL_TEXT_CHARS = 200_000  # eval/perplexity.py scores text[:EVAL_TEXT_CHARS]; calibration text starts after it
+TEXT_TOKENS = 256  # tokens per text calibration sample
 
 
 @dataclass(frozen=True)
@@ -135,3 +142,74 @@ def build_calibration_inputs(config: CalibConfig, processor: Any, model: Any) ->
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         samples.append(batch)
     return samples
+
+
+# ---- text-only causal LMs ------------------------------------------------------------------------
+def _default_text() -> str:
+    try:
+        # lazy: only text-only models calibrate on the bundled prose
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # stripped-down Pythons drop it
+        raise CalibrationError("pydoc_data is missing from this Python, so there is no default calibration text; "
+                               "pass --calib with a folder of .txt files or a JSONL of {\"text\"} records") from exc
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))[EVAL_TEXT_CHARS:]
+
+
+def load_calibration_texts(config: CalibConfig) -> list[str]:
+    """The texts of a text calibration source: the default prose (one text, cut into windows
+    later), a folder of .txt/.md files, a JSONL of {"text"} (or {"prompt"}) records, or a
+    `datasets` name with a "text" column."""
+    source, path = config.source, Path(config.source)
+    if source == "default":
+        return [_default_text()]
+    if path.is_dir():
+        texts = [p.read_text(errors="replace") for p in sorted(path.rglob("*")) if p.suffix.lower() in TEXT_SUFFIXES]
+    elif path.suffix == ".jsonl":
+        if not path.exists():
+            raise CalibrationError(f"calibration file {path} does not exist; pass an existing .jsonl of text records")
+        texts = []
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}:{line_no}: expected a JSON object with 'text' ({exc})") from exc
+            texts.append(str(record.get("text") or record.get("prompt") or "") if isinstance(record, dict) else "")
+    elif path.exists():
+        raise CalibrationError(f"calibration source {path} is a file but not .jsonl; pass a folder of .txt files or a .jsonl file")
+    else:
+        texts = _dataset_texts(source, config.n_samples)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationError(f"calibration source '{source}' holds no text, and this is a text-only model; "
+                               "pass .txt files or a JSONL of {\"text\"} records")
+    return texts
+
+
+def _dataset_texts(name: str, n: int) -> list[str]:
+    try:
+        import datasets  # noqa: F401
+    except ImportError as exc:
+        raise CalibrationError(f"calibration source '{name}' is not a folder or .jsonl file, and `datasets` is not installed to fetch it; "
+                               "pip install datasets, or pass a local folder/JSONL") from exc
+    # optional: only online calibration sets need `datasets`
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(name, split=f"train[:{n}]")
+    except Exception as exc:  # network / missing dataset: one line for the user
+        raise CalibrationError(f"could not load dataset '{name}' ({type(exc).__name__}); use a local folder or JSONL offline") from exc
+    return [str(row.get("text") or "") for row in data]
+
+
+def build_text_calibration_inputs(config: CalibConfig, tokenizer: Any) -> list[dict]:
+    """`config.n_samples` windows of TEXT_TOKENS tokens (a shorter text: the whole text), drawn
+    with `config.seed` from the consecutive windows of every text."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wrapping the tokenizer
+    if tokenizer is None or not callable(tokenizer):
+        raise CalibrationError("calibration of a text-only model needs its tokenizer to encode the text; pass processor=")
+    windows = []
+    for text in load_calibration_texts(config):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        windows += [ids[i:i + TEXT_TOKENS] for i in range(0, len(ids), TEXT_TOKENS) if len(ids[i:i + TEXT_TOKENS]) >= 2]
+    chosen = random.Random(config.seed).sample(windows, min(config.n_samples, len(windows)))
+    return [{"input_ids": torch.tensor([w]), "attention_mask": torch.ones(1, len(w), dtype=torch.long)} for w in chosen]

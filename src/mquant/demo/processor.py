@@ -5,6 +5,12 @@ sample and the model was trained without it):
 `<|im_start|>user\\n<image>x64\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`.
 The image tokens come before the question so that the question tokens can attend to the image.
 Padding is on the LEFT so batched greedy generation appends new tokens right after every prompt.
+
+`llava_processor(tokenizer)` is the same processing as a standard transformers `LlavaProcessor`
+(CLIP image processor: bicubic resize to 112x112, no crop, /255, ImageNet mean/std; 64 image tokens
+= (112/14)² patches + CLS − CLS for the "default" strategy; this chat template): saved next to a
+quantized model, so transformers and serving engines can load the model's processor. It builds
+bit-identical inputs (tests/demo/test_processor.py); mquant itself keeps using DefaultProcessor.
 """
 
 from __future__ import annotations
@@ -21,9 +27,17 @@ from mquant.errors import InputError
 # it is reused as the image placeholder instead of growing (and randomly initialising) the vocab.
 IMAGE_TOKEN = "<empty_output>"
 IMAGE_SIZE = 112  # 112 / patch 14 = 8x8 = 64 visual tokens per image
-NUM_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2
+PATCH_SIZE = 14  # DINOv2-S
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# prompt_text as a chat template: LlavaProcessor expands the one IMAGE_TOKEN to NUM_IMAGE_TOKENS.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                 "{% for c in message['content'] if c['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% endfor %}"
+                 "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] | trim }}{% endfor %}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def prompt_text(question: str) -> str:
@@ -51,6 +65,8 @@ class DefaultProcessor:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = "<|im_end|>"
         self.tokenizer.padding_side = "left"
+        if isinstance(getattr(tokenizer, "init_kwargs", None), dict):  # what save_pretrained writes: keep left padding
+            tokenizer.init_kwargs["padding_side"] = "left"
 
     def encode_prompt(self, question: str) -> list[int]:
         """Token ids of one chat-formatted prompt (no padding)."""
@@ -75,3 +91,18 @@ class DefaultProcessor:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def llava_processor(tokenizer: Any) -> Any:
+    """A transformers LlavaProcessor doing exactly what DefaultProcessor does (see module doc).
+    The tokenizer gets DefaultProcessor's left padding and pad token, as the saved one has them."""
+    # lazy: transformers' processor classes take seconds to import
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    DefaultProcessor(tokenizer)  # left padding, pad token
+    image = CLIPImageProcessor(do_resize=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=Image.Resampling.BICUBIC,
+                               do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                               image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)
+    return LlavaProcessor(image_processor=image, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)

@@ -2,7 +2,8 @@
 
 Why `pydoc_data.topics`: the project may not download data sets, yet a perplexity needs real
 English prose. CPython bundles the language reference's help topics as a dict of prose strings,
-so every install has the same text (for a given Python version) with no download.
+so every install has the same text (for a given Python version) with no download. Text-only
+calibration (calib/data.py) reads only what comes after the first EVAL_TEXT_CHARS characters.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 import torch
 
+from mquant.calib.data import EVAL_TEXT_CHARS
 from mquant.errors import InputError
 
 
-def offline_text_corpus(max_chars: int = 200_000) -> str:
+def offline_text_corpus(max_chars: int = EVAL_TEXT_CHARS) -> str:
     """English prose from `pydoc_data.topics`, topics in sorted-key order, joined by blank
     lines, cut to `max_chars` (the whole corpus is ~465k characters on Python 3.11)."""
     if max_chars <= 0:

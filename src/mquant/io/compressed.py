@@ -6,8 +6,9 @@ ours, nothing copied); each quantized linear gets its QuantizationScheme, the li
 (`initialize_module_for_quantization`) filled with our scales, and the library's compressor
 (int-quantized: int8 `weight`; pack-quantized: int32 `weight_packed` + `weight_shape`). Our integer
 codes are re-derived by the compressor from codes × scale, and checked to be identical. Then
-`save_pretrained` writes the tensors under the checkpoint names transformers uses, and
-`ModelCompressor.update_config` writes `quantization_config` into config.json.
+`save_pretrained` writes the tensors under the names hub checkpoints and vLLM use (our table,
+`io.checkpoint_layout`, not transformers' save-time renaming, which drops levels such as CLIP's
+`vision_model.`), and `ModelCompressor.update_config` writes `quantization_config` into config.json.
 
 What the format cannot express is refused with ConfigError instead of silently exporting a model
 that computes something else: two activation scales per layer (MSQ), online Hadamard rotations, the
@@ -28,6 +29,7 @@ from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears
 from mquant.errors import ConfigError
 from mquant.io.atomic import atomic_directory
+from mquant.io.checkpoint_layout import CheckpointLayout, checkpoint_layout
 from mquant.io.loader import load_quantized
 from mquant.io.native import float_dtype
 from mquant.io.processors import load_saved_processor, save_processor
@@ -49,16 +51,18 @@ def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_di
         processor = processor if processor is not None else load_saved_processor(model_dir_or_model)
     layers = quant_linears(model)
     check_representable(model, layers)
+    layout = checkpoint_layout(model)
     skeleton = _float_skeleton(model, layers)
     schemes = {name: _scheme(layer) for name, layer in layers.items()}
-    _set_targets(skeleton, schemes)
+    _set_targets(layout, schemes)
     for name, layer in layers.items():
         _compress_into(skeleton, name, layer, schemes[name])
     compressor = ModelCompressor.from_pretrained_model(skeleton)
     qconfig = compressor.quantization_config
-    qconfig.ignore = _both_names(skeleton, qconfig.ignore or [])
+    qconfig.ignore = _both_names(layout, qconfig.ignore or [])
     with atomic_directory(out_dir) as tmp:
-        skeleton.save_pretrained(tmp)
+        # save_original_format=False: our names, not transformers' save-time renaming
+        skeleton.save_pretrained(tmp, state_dict=export_state_dict(skeleton, layout), save_original_format=False)
         compressor.update_config(str(tmp))
         if processor is not None:
             save_processor(processor, tmp)
@@ -130,7 +134,16 @@ def _scheme(layer: QuantLinear):
     return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
 
 
-def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
+def export_state_dict(skeleton: nn.Module, layout: CheckpointLayout) -> dict[str, torch.Tensor]:
+    """The skeleton's tensors under checkpoint names, tied duplicates dropped first (by storage,
+    as transformers does: its tied-key patterns are written for module names, not ours)."""
+    # lazy: transformers' modeling utilities take seconds to import
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return layout.rename(remove_tied_weights_from_state_dict(skeleton.state_dict(), skeleton))
+
+
+def _set_targets(layout: CheckpointLayout, schemes: dict[str, Any]) -> None:
     """One scheme: target the Linear class (the usual llm-compressor config). Several (e.g. W8A8
     vision, W4A16 language): each scheme targets its layers by name."""
     distinct: list[Any] = []
@@ -145,7 +158,7 @@ def _set_targets(skeleton: nn.Module, schemes: dict[str, Any]) -> None:
     by_key = {d.model_dump_json(): d.model_copy(update={"targets": []}) for d in distinct}
     for name, scheme in schemes.items():
         shared = by_key[scheme.model_dump_json()]
-        shared.targets.extend(_both_names(skeleton, [name]))
+        shared.targets.extend(_both_names(layout, [name]))
         schemes[name] = shared
 
 
@@ -187,26 +200,20 @@ def _check_codes(name: str, linear: nn.Module, layer: QuantLinear) -> None:
         raise RuntimeError(f"compressed-tensors re-derived different integer codes for {name}")
 
 
-def _both_names(model: nn.Module, module_names: list[str]) -> list[str]:
-    """Module names as transformers calls them *and* as the checkpoint does (transformers 5 renames
-    some, e.g. Qwen2-VL's model.language_model.layers ↔ model.layers). vLLM matches `ignore` and
+def _both_names(layout: CheckpointLayout, module_names: list[str]) -> list[str]:
+    """Module names as transformers calls them *and* as the checkpoint does (e.g. LLaVA's
+    model.vision_tower.encoder ↔ vision_tower.vision_model.encoder). vLLM matches `ignore` and
     `targets` against checkpoint names (mapped like the weights), transformers' own loader
     against its module names; an entry that matches nothing is ignored by both, so listing both
     spellings keeps the config right for either reader."""
     out: list[str] = []
     for name in module_names:
-        for spelling in (name, checkpoint_name(model, name)):
+        for spelling in (name, layout.to_checkpoint(name)):
             if spelling not in out:
                 out.append(spelling)
     return out
 
 
 def checkpoint_name(model: nn.Module, module_name: str) -> str:
-    """The name `save_pretrained` writes for module `module_name` (transformers may rename, e.g.
-    Qwen2-VL's model.language_model.layers → model.layers)."""
-    # lazy: transformers' model/auto classes take seconds to import
-    from transformers.core_model_loading import revert_weight_conversion
-
-    renamed = revert_weight_conversion(model, {f"{module_name}.weight": torch.empty(0)})
-    key = next(iter(renamed)) if len(renamed) == 1 else f"{module_name}.weight"
-    return key.removesuffix(".weight")
+    """The name the export writes for module `module_name` (see io/checkpoint_layout.py)."""
+    return checkpoint_layout(model).to_checkpoint(module_name)

@@ -13,7 +13,7 @@ from torch import nn
 from mquant.demo.assemble import load_default_model
 from mquant.errors import CheckpointError, InputError, UnsupportedModelError
 from mquant.io.loader import load_quantized
-from mquant.io.processors import load_saved_processor
+from mquant.io.processors import load_processor, load_saved_processor
 from mquant.models.registry import adapter_for_model_type
 
 DEFAULT_MODEL = "default"
@@ -43,7 +43,7 @@ def load_float_model(source: str | None, dtype: torch.dtype = torch.float32) -> 
     if not path.exists() and _looks_like_path(source):
         raise InputError(f"model path {source} does not exist; pass a local model directory or a hub id")
     # lazy: transformers' model/auto classes take seconds to import
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else source)
@@ -51,9 +51,12 @@ def load_float_model(source: str | None, dtype: torch.dtype = torch.float32) -> 
         if path.is_dir():
             raise UnsupportedModelError(f"{source} has no readable config.json with a known model_type ({str(exc).splitlines()[0][:100]})") from exc
         raise InputError(f"cannot load '{source}': not a local directory and the hub is unreachable or has no such model") from exc
-    adapter_for_model_type(config.model_type)  # unknown architectures fail here, before any download
-    model = AutoModelForImageTextToText.from_pretrained(str(path) if path.exists() else source, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(str(path) if path.exists() else source)
+    adapter = adapter_for_model_type(config.model_type)  # unknown architectures fail here, before any download
+    # The processor first: a missing optional package fails before the weights are read. A text-only
+    # model's is its tokenizer (AutoProcessor returns it).
+    processor = load_processor(str(path) if path.exists() else source, config.model_type)
+    auto = AutoModelForCausalLM if adapter.text_only else AutoModelForImageTextToText
+    model = auto.from_pretrained(str(path) if path.exists() else source, dtype=dtype)
     return LoadedModel(model.eval(), processor, source)
 
 

@@ -24,6 +24,9 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     class_names: ClassVar[tuple[str, ...]]
     model_types: ClassVar[tuple[str, ...]]
+    # A causal LM without vision (models/causal_lm.py): loaded with AutoModelForCausalLM, its spec
+    # has no vision tower or projector.
+    text_only: ClassVar[bool] = False
 
     @abstractmethod
     def spec(self, model: nn.Module) -> ModelSpec:

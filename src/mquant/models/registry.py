@@ -16,7 +16,8 @@ def register(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return adapter_cls
 
 
-BUILTIN_FAMILIES = ("llava", "llava_onevision", "idefics3", "internvl", "qwen2_vl", "qwen3_vl", "glm4v")
+# The modules holding the built-in adapters (causal_lm: the text-only llama / qwen2 / qwen3).
+BUILTIN_FAMILIES = ("llava", "llava_onevision", "idefics3", "internvl", "qwen2_vl", "qwen3_vl", "glm4v", "causal_lm")
 
 
 def _load_builtin_adapters() -> None:
@@ -50,5 +51,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             return adapter_cls()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
-        raise UnsupportedModelError(f"{name} is not a transformers vision-language model; load it with from_pretrained")
+        raise UnsupportedModelError(f"{name} is not a transformers vision-language or causal language model; load it with from_pretrained")
     return adapter_for_model_type(model_type)

@@ -205,15 +205,26 @@ class ProjectorSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A VLM (vision tower -> projector -> language model) or, with `vision` and `projector` None
+    and no image token ids, a text-only causal LM: the language half alone."""
+
     family: str
-    vision: TowerSpec
-    projector: ProjectorSpec
+    vision: TowerSpec | None
+    projector: ProjectorSpec | None
     language: TowerSpec
     image_token_ids: tuple[int, ...]  # image and video placeholder token ids
     position_scheme: PositionScheme
 
+    @property
+    def text_only(self) -> bool:
+        return self.vision is None
+
+    def towers(self) -> tuple[TowerSpec, ...]:
+        """The residual streams, vision first (only the language one for a text-only model)."""
+        return (self.language,) if self.vision is None else (self.vision, self.language)
+
     def all_linears(self) -> list[tuple[Modality | Literal["projector"], LinearRef]]:
-        out: list = [("vision", r) for b in self.vision.blocks for r in b.linears()]
-        out += [("projector", r) for r in self.projector.linears()]
+        out: list = [] if self.vision is None else [("vision", r) for b in self.vision.blocks for r in b.linears()]
+        out += [] if self.projector is None else [("projector", r) for r in self.projector.linears()]
         out += [("language", r) for b in self.language.blocks for r in b.linears()]
         return out

@@ -142,14 +142,20 @@ def _check_deepstack(spec: ModelSpec, projector: ProjectorSpec, where: str) -> N
 
 
 def validate_spec(spec: ModelSpec) -> None:
-    validate_tower(spec.vision)
     validate_tower(spec.language)
-    _check_projector(spec)
+    if spec.text_only:  # a causal LM: the language half, and nothing that expects images
+        if spec.projector is not None or spec.image_token_ids:
+            raise UnsupportedModelError(f"{spec.family}: a spec without a vision tower lists a projector or image tokens")
+    else:
+        validate_tower(spec.vision)
+        if spec.projector is None:
+            raise UnsupportedModelError(f"{spec.family}: a vision tower without a projector into the language model")
+        _check_projector(spec)
+        if not spec.image_token_ids:
+            raise UnsupportedModelError(f"{spec.family}: no image token id in the config")
     names = [ref.name for _, ref in spec.all_linears()]
     if len(names) != len(set(names)) and not _fused_only_duplicates(spec):
         raise UnsupportedModelError(f"{spec.family}: a linear layer appears in two groups")
-    if not spec.image_token_ids:
-        raise UnsupportedModelError(f"{spec.family}: no image token id in the config")
 
 
 def _fused_only_duplicates(spec: ModelSpec) -> bool:

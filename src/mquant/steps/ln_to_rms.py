@@ -116,8 +116,4 @@ class LnToRms(Step):
 
 
 def unify_towers(model: nn.Module, spec: ModelSpec) -> dict:
-    out = {}
-    for modality in ("vision", "language"):
-        tower = getattr(spec, modality)
-        out[modality] = {"tower": tower.name, **unify_tower(model, spec, tower)}
-    return out
+    return {tower.modality: {"tower": tower.name, **unify_tower(model, spec, tower)} for tower in spec.towers()}

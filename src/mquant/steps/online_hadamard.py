@@ -42,7 +42,7 @@ class OnlineHadamard(Step):
 def apply_to_mlp_outputs(spec: ModelSpec) -> dict:
     done: list[str] = []
     skipped: dict[str, str] = {}
-    for tower in (spec.vision, spec.language):
+    for tower in spec.towers():
         for block in tower.blocks:
             ref = block.mlp_out
             module = ref.module

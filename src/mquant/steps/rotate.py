@@ -89,7 +89,7 @@ def rotate_tower(spec: ModelSpec, tower: TowerSpec, q) -> None:
 
 def rotate_all_heads(spec: ModelSpec) -> dict:
     out = {}
-    for tower in (spec.vision, spec.language):
+    for tower in spec.towers():
         dims = {b.attention.head_dim for b in tower.blocks}
         done, skipped = 0, {}
         for block in tower.blocks:
@@ -116,8 +116,8 @@ class Rotate(Step):
 def rotate_model(model: nn.Module, adapter, spec: ModelSpec, seed: int) -> dict:
     info: dict = {}
     todo = []
-    for modality in ("vision", "language"):
-        tower = getattr(spec, modality)
+    for tower in spec.towers():
+        modality = tower.modality
         problem = tower_problem(spec, tower)
         if problem is not None:
             info[modality] = {"tower": tower.name, "rotated": False, "reason": problem}

@@ -18,15 +18,17 @@ from mquant.core.state import QuantState
 from mquant.models.registry import get_adapter
 from mquant.steps import build_steps
 from mquant.steps.runner import prepare_model
-from mquant.testing.tiny import TINY_FAMILIES
+from mquant.testing.tiny import TEXT_FAMILIES, TINY_FAMILIES
 
-# Every tiny family (plus the variants registered by another family's tiny module).
-EQUIVALENCE_FAMILIES: tuple[str, ...] = TINY_FAMILIES + ("llava_dinov2", "smolvlm")
+# Every tiny family (plus the variants registered by another family's tiny module), then the
+# text-only causal LMs.
+EQUIVALENCE_FAMILIES: tuple[str, ...] = TINY_FAMILIES + ("llava_dinov2", "smolvlm") + TEXT_FAMILIES
 # family -> (adapter module, tiny module) where the names differ.
 _MODULES = {
     "qwen2_5_vl": ("qwen2_vl", "qwen2_vl"),
     "llava_dinov2": ("llava", "llava"),
     "smolvlm": ("idefics3", "idefics3"),
+    **{family: ("causal_lm", "causal_lm") for family in TEXT_FAMILIES},
 }
 
 

@@ -97,7 +97,7 @@ def _chunks(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
-    for tower in (spec.vision, spec.language):
+    for tower in spec.towers():
         for norm in _tower_norms(tower):
             rec.watch(norm.module)
             for ref in norm.feeds:
@@ -114,11 +114,11 @@ def _watch_spec(rec: _Recorder, spec: ModelSpec) -> None:
                 rec.watch(ref.module)
             for norm in block.norms + block.post_norms:
                 rec.watch(norm.module)
-    for ref in spec.projector.linears():
+    for ref in spec.projector.linears() if spec.projector is not None else ():
         rec.watch(ref.module)
     for param in spec.language.input_writers:
         rec.watch(param.module)
-    if spec.projector.norm is not None:
+    if spec.projector is not None and spec.projector.norm is not None:
         rec.watch(spec.projector.norm.module)
 
 
@@ -317,12 +317,13 @@ def check_spec_against_forward(model: nn.Module, adapter: ModelAdapter, batch: d
             model(**batch)
     finally:
         rec.remove()
-    for tower in (spec.vision, spec.language):
+    for tower in spec.towers():
         _check_tower(rec, tower, spec)
-    _check_groups(rec, spec.projector.groups, f"projector {spec.projector.name}")
-    if spec.projector.norm is not None:
-        _check_projector_norm(rec, spec)
-    _check_visual_mask(rec, spec, adapter, model, batch)
+    if spec.projector is not None:
+        _check_groups(rec, spec.projector.groups, f"projector {spec.projector.name}")
+        if spec.projector.norm is not None:
+            _check_projector_norm(rec, spec)
+    _check_visual_mask(rec, spec, adapter, model, batch)  # text-only: the mask must be all False
     return spec
 
 

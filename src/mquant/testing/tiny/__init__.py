@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 TINY_FAMILIES = ("llava", "llava_onevision", "idefics3", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v")
+# Text-only causal LMs (no vision tower): the language half of the pipeline.
+TEXT_FAMILIES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass
@@ -43,6 +45,7 @@ def tiny_case(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) ->
     """Build a tiny model of `family` (eval mode, `dtype`) with deterministic weights."""
     if family not in _BUILDERS:
         module = {"qwen2_5_vl": "qwen2_vl", "llava_dinov2": "llava", "smolvlm": "idefics3"}.get(family, family)
+        module = "causal_lm" if family in TEXT_FAMILIES else module
         import_module(f"{__name__}.{module}")
     torch.manual_seed(seed)
     return _BUILDERS[family](seed=seed, dtype=dtype)
