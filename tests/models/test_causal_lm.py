@@ -104,6 +104,7 @@ def test_cli_quantizes_and_exports_a_saved_causal_lm(tmp_path, monkeypatch):
         main()
     model = load_quantized(tmp_path / "mq")
     assert type(model).__name__ == "LlamaForCausalLM" and all(m.quantized for m in quant_linears(model).values())
+    assert "- skipped step msq: no visual tokens" in (tmp_path / "mq" / "report.md").read_text()
     meta = json.loads((tmp_path / "mq" / "mquant_config.json").read_text())
     assert meta["calibration"] == {"source": "default", "n_samples": 4, "seed": 0}
     tokenizer = load_saved_processor(tmp_path / "mq")

@@ -57,6 +57,7 @@ class QuantReport:
             "",
             f"- method: `{self.recipe.get('method')}`, vision {self.recipe['vision']}, language {self.recipe['language']}",
             f"- steps: {_steps_text(self.recipe.get('steps', []))}; weights: {self.recipe['weights']['method']}; observer: {self.recipe.get('observer')}",
+            *[f"- skipped step {name}: {why}" for name, why in (self.transforms.get("skipped_steps") or {}).items()],
             f"- calibration: {self.calibration}",
             f"- time: {self.seconds:.1f} s; peak memory: {self.peak_memory_bytes / 2**20:.0f} MiB",
             "",
