@@ -20,10 +20,9 @@ import pytest
 import torch
 
 from mquant.api import load_quantized, quantize, quantize_offloaded, save_quantized
-from mquant.calib.offload import check_offloadable, load_offloaded, materialize
+from mquant.calib.offload import load_offloaded, materialize
 from mquant.config import recipe_for
 from mquant.core.swap import quant_linears
-from mquant.errors import ConfigError
 from mquant.testing.tiny import tiny_case
 from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
 
@@ -141,9 +140,3 @@ def test_offloaded_equals_in_memory_and_saves(tmp_path):
     save_quantized(model, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q")(**batch).logits, expected)
-
-
-def test_whole_model_transforms_are_refused_offloaded():
-    with pytest.raises(ConfigError, match="offloaded"):
-        check_offloadable(recipe_for("mquant", "w4a8"))
-    check_offloadable(recipe_for("gptq", "w4a8"))

@@ -63,8 +63,9 @@ class SequentialCalibrator:
     # With a checkpoint, finished blocks are saved, and on a rerun restored instead of recalibrated.
     checkpoint: CalibrationCheckpoint | None = None
     # Called with each block (spec) before it is calibrated or restored: an offloaded model loads
-    # the block's weights here (calib/offload.py).
-    before_block: Callable[[object], None] | None = None
+    # the block's weights here and makes the steps' per-block float edits (calib/offload.py); it
+    # returns the block's re-read spec when those edits replaced modules, else None.
+    before_block: Callable[[object], object | None] | None = None
 
     def run_blocks(
         self,
@@ -90,7 +91,7 @@ class SequentialCalibrator:
         block's quantized state and only run `runner()` (a restored block still produces the next
         block's inputs). With a checkpoint, a freshly calibrated block is saved before returning."""
         if self.before_block is not None:
-            self.before_block(block)
+            block = self.before_block(block) or block  # a block edited on loading comes back re-read
         if self.checkpoint is not None and self.checkpoint.has(block_id):
             self.records.extend(self.checkpoint.load_block(block_id, block))
             return runner()
