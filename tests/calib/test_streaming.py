@@ -7,7 +7,7 @@ fails in memory and succeeds streamed, with the unconstrained in-memory result."
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, Qwen2VLConfig
 
 from mquant.api import load_quantized, quantize, quantize_offloaded, save_quantized
 from mquant.calib.offload import OffloadSession, load_offloaded
@@ -17,10 +17,11 @@ from mquant.core.swap import quant_linears
 from mquant.errors import ConfigError
 from mquant.models.registry import get_adapter
 from mquant.steps.fold import random_rotation, rotate_writer
+from mquant.testing import capped
 from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, family_missing
-from mquant.testing.shapes import QWEN2_VL_2B, mrope_layout, qwen2_vl_config, write_random_checkpoint
+from mquant.testing.shapes import QWEN2_VL_2B, mrope_layout, qwen2_vl_config, random_model, write_random_checkpoint
 from mquant.testing.tiny import tiny_case
-from mquant.testing.tiny.qwen2_vl import build_mrope_batch
+from mquant.testing.tiny.qwen2_vl import _IDS, build_mrope_batch, text_config
 
 RECIPE = recipe_for("mquant", "w4a8")
 
@@ -123,3 +124,32 @@ def test_an_edit_of_a_tensor_still_on_disk_fails_loudly(tmp_path):
     o_proj = model.model.language_model.layers[0].self_attn.o_proj
     with pytest.raises(ConfigError, match="still offloaded to disk"):
         rotate_writer(o_proj, random_rotation(o_proj.out_features, 0))
+
+
+def _capped_config() -> Qwen2VLConfig:
+    """A Qwen2-VL whose 8 language blocks (768 wide, MLP 768) are 96% of its 102 MB: a tiny vision
+    tower and vocabulary, tied embeddings (rotation unties them)."""
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 768, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
+              "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3}
+    text = text_config(hidden_size=768, intermediate_size=768, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]})
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **_IDS)
+
+
+def test_streamed_mquant_fits_a_budget_below_the_model_size(tmp_path):
+    config = _capped_config()
+    path = write_random_checkpoint(config, tmp_path / "float", dtype=torch.float32, shard_bytes=16 << 20)
+    model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    budget = int(0.8 * model_bytes)
+    procs = {mode: capped.start(mode, path, tmp_path / mode, budget, "mquant", "w4a8") for mode in ("in-memory", "offloaded")}
+    # Meanwhile the reference: the same seeded model built in memory, quantized without any limit.
+    config._attn_implementation = "eager"
+    reference = random_model(config, dtype=torch.float32)
+    samples, batch = capped.samples_and_batch(reference, config)
+    quantize(reference, RECIPE, samples)
+    in_memory, streamed = (capped.read_result(procs[m], tmp_path / m) for m in ("in-memory", "offloaded"))
+    assert not in_memory["ok"], "the budget does not bite: quantizing the fully loaded model fit in it"
+    assert any(s in in_memory["error"] for s in ("allocate memory", "Cannot allocate memory", "can't start new thread")), in_memory
+    assert streamed["ok"], streamed.get("error")
+    assert streamed["layers"] == capped.digest_layers(reference)
+    assert streamed["logits"] == capped.digest_logits(reference, batch)

@@ -140,7 +140,8 @@ class SequentialCalibrator:
         for gi, group in enumerate(block.groups):
             if stats[gi].rows_seen == 0:
                 raise CalibrationError(f"{group.linears[0].module.name} never ran on the calibration samples; add samples with images")
-            self._quantize_group(group, stats[gi], scheme, part, probes, records)
+            # popped: a group's Hessian (in×in, 1.4 GB for a 7B down_proj) is freed once it is quantized
+            self._quantize_group(group, stats.pop(gi), scheme, part, probes, records)
         handles = [m.register_forward_hook(p) for m, p in probes.items()]
         try:
             outputs = runner()
@@ -164,7 +165,9 @@ class SequentialCalibrator:
             codes, scale = quantize_weight(weight, scheme, self.recipe.weights, hessian)
             deq = dequantize_weight(codes, scale, torch.float32)
             w_err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
-            probes[module] = _ErrorProbe(weight.clone(), None if module.bias is None else module.bias.detach().clone())
+            # The probe keeps the float weight itself, not a copy: set_quantized only drops the
+            # layer's reference to it, so the block's float weights are held once, not twice.
+            probes[module] = _ErrorProbe(weight, None if module.bias is None else module.bias.detach().clone())
             module.set_quantized(codes, scale, scheme.weight_bits, scheme.act_bits, scheme.act_dynamic, act_scale)
             records.append(
                 LayerRecord(
