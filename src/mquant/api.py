@@ -15,7 +15,7 @@ from torch import nn
 from mquant.calib.capture import capture_inputs
 from mquant.calib.checkpoint import open_checkpoint
 from mquant.calib.data import build_calibration_inputs, build_text_calibration_inputs
-from mquant.calib.offload import OffloadSession, check_offloadable
+from mquant.calib.offload import OffloadSession
 from mquant.calib.report import QuantReport
 from mquant.calib.sequential import SequentialCalibrator
 from mquant.config import CalibConfig, Recipe, recipe_for
@@ -39,7 +39,7 @@ def quantize(
     progress: Callable[[str, int], None] | None = None,
     adapter: ModelAdapter | None = None,
     checkpoint_dir: str | Path | None = None,
-    before_block: Callable[[Any], None] | None = None,
+    offload: OffloadSession | None = None,
 ) -> QuantReport:
     """Quantize every linear layer of a VLM (vision tower, projector, language model), or of a
     text-only causal LM (the language half; MSQ/AIFS, which act on visual tokens, are skipped), in place.
@@ -48,7 +48,8 @@ def quantize(
     dicts (one sample each). Returns the report; the model afterwards runs quantized.
     With `checkpoint_dir`, each finished block is saved there; rerunning with the same directory,
     model, recipe and samples restores finished blocks instead of recalibrating them.
-    `before_block(block_spec)` runs before each block is calibrated (offloading: calib/offload.py).
+    `offload` (what `quantize_offloaded` passes) streams a disk-offloaded model: the steps' block
+    hooks and the calibration load one block at a time (calib/offload.py).
     """
     recipe = recipe or recipe_for("rtn", "w8a8")
     adapter = adapter or get_adapter(model)
@@ -66,9 +67,14 @@ def quantize(
     model.eval()
     with torch.no_grad():
         state = QuantState.ensure(model)
-        spec, transform_info = prepare_model(model, adapter, spec, steps, state)
+        if offload is not None:
+            offload.start(adapter, spec, steps)
+        spec, transform_info = prepare_model(model, adapter, spec, steps, state, blocks=offload is None)
+        before_block = None if offload is None else offload.before_block
         calibrator = SequentialCalibrator(recipe, steps, state.ctx, progress, checkpoint=checkpoint, before_block=before_block)
         _calibrate(model, spec, calibrator, samples, masks, recipe, progress)
+        if offload is not None:
+            spec = adapter.validate(model)  # the blocks were edited while they were calibrated
         state.recipe = recipe
         state.track_modality(model, spec.image_token_ids)
         transform_info.update(install_steps(model, adapter, spec, steps))
@@ -138,9 +144,8 @@ def _describe_calibration(calib: Any, n: int) -> dict[str, Any]:
 def quantize_offloaded(model: nn.Module, recipe: Recipe, calib: CalibConfig | Sequence[dict] | None, **kwargs: Any):
     """`quantize` on a model opened with `calib.offload.load_offloaded`: only the block being
     calibrated is materialized. Returns (report, session); call `materialize(model)` before saving."""
-    check_offloadable(recipe)
     session = OffloadSession(model)
-    report = quantize(model, recipe, calib, before_block=session.before_block, **kwargs)
+    report = quantize(model, recipe, calib, offload=session, **kwargs)
     return report, session
 
 

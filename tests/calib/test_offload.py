@@ -1,77 +1,25 @@
 """Offloaded quantization: weights stay on disk until their block is calibrated.
 
-The budget test runs the quantization in a child process whose private memory is capped by the
-kernel (RLIMIT_DATA: heap, anonymous and private writable mappings — every torch CPU allocation)
-at 80% of the float model's size above the child's own baseline, and checks that (a) quantizing the
-fully loaded model under the same cap fails, so the cap really bites, and (b) the offloaded run
-succeeds and gives exactly the quantized model and logits of an unconstrained in-memory run.
-glibc's malloc is pinned to mmap every allocation >= 128 KiB and return freed memory at once, so
-the accounting follows live tensors instead of allocator history.
+The budget test runs the quantization in child processes (`mquant.testing.capped`) whose private
+memory is capped by the kernel (RLIMIT_DATA) at 80% of the float model's size above the child's own
+baseline, and checks that (a) quantizing the fully loaded model under the same cap fails, so the cap
+really bites, and (b) the offloaded run succeeds and gives exactly the quantized model and logits
+of an unconstrained in-memory run. The full MQuant recipe streamed: tests/calib/test_streaming.py.
 """
 
 import copy
-import hashlib
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mquant.api import load_quantized, quantize, quantize_offloaded, save_quantized
-from mquant.calib.offload import check_offloadable, load_offloaded, materialize
+from mquant.calib.offload import load_offloaded, materialize
 from mquant.config import recipe_for
 from mquant.core.swap import quant_linears
-from mquant.errors import ConfigError
+from mquant.testing import capped
 from mquant.testing.tiny import tiny_case
-from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
 
 RECIPE = recipe_for("smoothquant", "w8a8")  # SmoothQuant edits norms in place: they must persist
-
-CHILD = r"""
-import hashlib, json, resource, sys
-import torch
-torch.set_num_threads(1)
-from mquant.api import quantize_offloaded
-from mquant.calib.offload import load_offloaded, uncached_dequant
-from mquant.config import recipe_for
-from mquant.core.swap import quant_linears
-from mquant.testing.tiny.qwen2_vl import QWEN_LAYOUT, build_mrope_batch
-
-def vmdata():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData:"))
-
-mode, model_dir, off_dir, budget, out = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-model = load_offloaded(model_dir, offload_folder=off_dir, attn_implementation="eager")
-samples = [build_mrope_batch(model, QWEN_LAYOUT, 1, i, False, False) for i in range(2)]
-batch = build_mrope_batch(model, QWEN_LAYOUT, 2, 50, True, False)
-base = vmdata()
-resource.setrlimit(resource.RLIMIT_DATA, (base + budget, base + budget))
-result = {}
-try:
-    if mode == "in-memory":
-        from transformers import AutoModelForImageTextToText
-        from mquant.api import quantize
-        full = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-        quantize(full, recipe_for("smoothquant", "w8a8"), samples)
-    else:
-        report, session = quantize_offloaded(model, recipe_for("smoothquant", "w8a8"), samples)
-        with torch.no_grad(), uncached_dequant(model):
-            logits = model(**batch).logits
-        result["logits"] = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
-        result["layers"] = {n: hashlib.sha256(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes()
-                            for t in (m.qweight, m.w_scale, m.act_scale))).hexdigest() for n, m in quant_linears(model).items()}
-        result["loaded_bytes"] = session.loaded_bytes
-    result["ok"] = True
-except (MemoryError, RuntimeError) as exc:
-    result["ok"], result["error"] = False, f"{type(exc).__name__}: {str(exc)[:160]}"
-json.dump(result, open(out, "w"))
-"""
-
-
-def _layer_hash(m):
-    return hashlib.sha256(b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in (m.qweight, m.w_scale, m.act_scale))).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -96,28 +44,17 @@ def big_model(tmp_path_factory):
 def test_offloaded_quantization_fits_a_budget_below_the_model_size(big_model, tmp_path):
     model, path, model_bytes = big_model
     budget = int(0.8 * model_bytes)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "1",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = {mode: subprocess.Popen([sys.executable, "-c", CHILD, mode, str(path), str(tmp_path / f"off-{mode}"), str(budget),
-                                     str(tmp_path / f"{mode}.json")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for mode in ("in-memory", "offloaded")}
+    procs = {mode: capped.start(mode, path, tmp_path / mode, budget, "smoothquant", "w8a8") for mode in ("in-memory", "offloaded")}
     # Meanwhile, the reference: the fully loaded model quantized without any limit.
-    samples = [build_mrope_batch(model, QWEN_LAYOUT, 1, i, False, False) for i in range(2)]
-    batch = build_mrope_batch(model, QWEN_LAYOUT, 2, 50, True, False)
+    samples, batch = capped.samples_and_batch(model, model.config)
     reference = copy.deepcopy(model)
     quantize(reference, RECIPE, samples)
-    with torch.no_grad():
-        logits = hashlib.sha256(reference(**batch).logits.numpy().tobytes()).hexdigest()
-    for mode, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-2000:]
-    in_memory = json.loads((tmp_path / "in-memory.json").read_text())
-    offloaded = json.loads((tmp_path / "offloaded.json").read_text())
+    in_memory, offloaded = (capped.read_result(procs[m], tmp_path / m) for m in ("in-memory", "offloaded"))
     assert not in_memory["ok"], "the budget does not bite: quantizing the fully loaded model fit in it"
     assert any(s in in_memory["error"] for s in ("allocate memory", "Cannot allocate memory", "can't start new thread")), in_memory
     assert offloaded["ok"], offloaded.get("error")
-    assert offloaded["layers"] == {n: _layer_hash(m) for n, m in quant_linears(reference).items()}
-    assert offloaded["logits"] == logits
+    assert offloaded["layers"] == capped.digest_layers(reference)
+    assert offloaded["logits"] == capped.digest_logits(reference, batch)
     assert offloaded["loaded_bytes"] < model_bytes  # embeddings and lm_head were only streamed
 
 
@@ -141,9 +78,3 @@ def test_offloaded_equals_in_memory_and_saves(tmp_path):
     save_quantized(model, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q")(**batch).logits, expected)
-
-
-def test_whole_model_transforms_are_refused_offloaded():
-    with pytest.raises(ConfigError, match="offloaded"):
-        check_offloadable(recipe_for("mquant", "w4a8"))
-    check_offloadable(recipe_for("gptq", "w4a8"))

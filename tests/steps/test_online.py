@@ -39,8 +39,10 @@ def test_online_hadamard_keeps_logits(family):
 def test_online_hadamard_needs_wrapped_linears():
     case = _case("qwen2_vl")
     adapter = get_adapter(case.model)
+    spec, step = adapter.validate(case.model), online.OnlineHadamard()
+    step.configure(case.model, adapter, spec)
     with pytest.raises(ConfigError, match="not wrapped"):
-        online.OnlineHadamard().configure(case.model, adapter, adapter.validate(case.model))
+        step.configure_block(case.model, spec, spec.language, spec.language.blocks[0])
 
 
 def test_weight_absorbs_the_transform_for_a_non_power_of_two_size():

@@ -85,3 +85,23 @@ def test_checkpoint_written_by_shards_loads_as_the_same_model(tiny_2b, tmp_path)
     batch = build_mrope_batch(model, mrope_layout(tiny_2b), 2, 5, True, False)
     with torch.no_grad():
         assert torch.equal(offloaded(**batch).logits, model(**batch).logits)
+
+
+def test_checkpoint_is_written_under_a_quarter_of_its_size(tmp_path):
+    """No whole model in memory: the writer runs in a child capped at 25% of the checkpoint's bytes
+    and writes exactly the tensors `random_model` builds."""
+    from safetensors.torch import load_file
+
+    from mquant.testing import capped
+
+    config = qwen2_vl_config(QWEN2_VL_2B, 4, vision_depth=2, text_layers=4, vocab_size=4096)
+    config.save_pretrained(tmp_path / "config")
+    model_bytes = parameter_count(config) * 4
+    result = capped.read_result(capped.start("write", tmp_path / "config", tmp_path / "w", model_bytes // 4, "rtn", "w8a8"), tmp_path / "w")
+    assert result["ok"], result
+    written = {}
+    for shard in (tmp_path / "w" / "written").glob("*.safetensors"):
+        written.update(load_file(str(shard)))
+    assert sum(t.numel() * t.element_size() for t in written.values()) == model_bytes
+    expected = random_model(config, dtype=torch.float32).state_dict()
+    assert all(torch.equal(written[name], expected[name]) for name in written)

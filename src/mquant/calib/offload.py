@@ -19,9 +19,13 @@ Wrapping linears in QuantLinear (`core.swap.wrap_linears`) creates new modules w
 accelerate hook; the session moves each hook onto its QuantLinear before the first block so that
 whole-model forwards (projector calibration) still stream the not-yet-calibrated linears.
 
-Not supported offloaded (ConfigError): recipe steps that edit every weight of the model before
-calibration (LayerNorm→RMSNorm, rotation, online Hadamard): they need a streaming rewrite of the
-float checkpoint first (see docs/SCALING.md).
+Recipes whose steps edit float weights (LN→RMSNorm, rotation, online Hadamard: `Step.prepare` /
+`prepare_block`, steps/base.py) stream too: `start` loads everything outside the blocks (embeddings,
+lm_head, norms, projector — small next to the blocks) before the model-level edits, and
+`before_block` runs the steps' block hooks right after loading a block, before it is calibrated.
+Each per-block edit reads only its block's tensors and the decisions `prepare` made, so the result
+is bit-identical to `quantize` in memory; memory then holds the outer modules (float, as the saved
+model will), the quantized blocks so far and one float block.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mquant.config import Recipe
 from mquant.core.qlinear import QuantLinear
-from mquant.errors import ConfigError
-from mquant.steps import build_steps
+from mquant.models.base import ModelAdapter
+from mquant.models.registry import adapter_for_model_type
+from mquant.models.spec import ModelSpec
+from mquant.steps.base import Step
+from mquant.steps.runner import has_block_hooks, prepare_block
 
 _HOOK = "_hf_hook"
 
@@ -48,11 +54,12 @@ def load_offloaded(model_dir: str | Path, *, offload_folder: str | Path, device_
     """Open a float transformers checkpoint with every module offloaded (default `{"": "disk"}`),
     or with an accelerate `device_map` ("auto" + `max_memory` spreads it over GPUs, CPU and disk)."""
     # lazy: transformers' model/auto classes take seconds to import
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(str(model_dir))
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForImageTextToText.from_pretrained(
+    auto = AutoModelForCausalLM if adapter_for_model_type(config.model_type).text_only else AutoModelForImageTextToText
+    model = auto.from_pretrained(
         str(model_dir), config=config, dtype=dtype, device_map=device_map or {"": "disk"},
         max_memory=max_memory, offload_folder=str(offload_folder), **kwargs,
     ).eval()
@@ -126,46 +133,78 @@ def _offload_hook(module: nn.Module):
     return None
 
 
-def materialize(module: nn.Module) -> int:
+def materialize(module: nn.Module, *, recurse: bool = True, tied: dict[int, nn.Parameter] | None = None) -> int:
     """Read every offloaded tensor under `module` onto its execution device and remove the
-    accelerate hooks there; returns the bytes loaded. Idempotent."""
+    accelerate hooks there; returns the bytes loaded. Idempotent. A parameter shared by several
+    modules (a tied lm_head) is loaded once and stays shared (`tied` maps the offloaded parameter
+    to its loaded one across calls)."""
     # optional path: only offloaded quantization needs accelerate
     from accelerate.hooks import remove_hook_from_module
 
-    # optional path: only offloaded quantization needs accelerate
-    from accelerate.utils import set_module_tensor_to_device
-
+    tied = {} if tied is None else tied
     loaded = 0
-    for sub in module.modules():
+    for sub in module.modules() if recurse else (module,):
         hook = _offload_hook(sub)
         if hook is not None:
-            device = hook.execution_device if hook.execution_device not in (None, "meta") else "cpu"
-            for name, tensor in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
-                if tensor is not None and tensor.device.type == "meta" and name in hook.weights_map:
-                    # Plain memory read from the file (see read_safetensors_tensor), not a view of
-                    # a mapping: in-place edits and freeing after quantization behave as usual.
-                    value = hook.weights_map[name].to(device)
-                    set_module_tensor_to_device(sub, name, device, value=value)
-                    loaded += value.numel() * value.element_size()
+            loaded += _load_tensors(sub, hook, tied)
             hook.original_devices = {}  # detaching must not reload what is now materialized
         remove_hook_from_module(sub)
     return loaded
 
 
+def _load_tensors(module: nn.Module, hook: Any, tied: dict[int, nn.Parameter]) -> int:
+    # optional path: only offloaded quantization needs accelerate
+    from accelerate.utils import set_module_tensor_to_device
+
+    device = hook.execution_device if hook.execution_device not in (None, "meta") else "cpu"
+    loaded = 0
+    for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        if tensor is None or tensor.device.type != "meta":
+            continue
+        if id(tensor) in tied:
+            module._parameters[name] = tied[id(tensor)]
+        elif name in hook.weights_map:
+            # Plain memory read from the file (see read_safetensors_tensor), not a view of
+            # a mapping: in-place edits and freeing after quantization behave as usual.
+            value = hook.weights_map[name].to(device)
+            set_module_tensor_to_device(module, name, device, value=value)
+            loaded += value.numel() * value.element_size()
+            if isinstance(tensor, nn.Parameter):
+                tied[id(tensor)] = module._parameters[name]
+    return loaded
+
+
+def materialize_outside_blocks(model: nn.Module, spec: ModelSpec) -> int:
+    """Load every module that is not inside a vision or language block; returns the bytes."""
+    inside = {id(m) for tower in spec.towers() for block in tower.blocks for m in block.module.modules()}
+    tied: dict[int, nn.Parameter] = {}
+    return sum(materialize(m, recurse=False, tied=tied) for m in model.modules() if id(m) not in inside)
+
+
 class OffloadSession:
-    """Created on the offloaded float model before `quantize`; pass `before_block` to it."""
+    """Created on the offloaded float model; `quantize(..., offload=session)` calls `start` before
+    the steps' model-level hooks and `before_block` before each block is calibrated."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.hooks = {name: getattr(m, _HOOK) for name, m in model.named_modules()
-                      if isinstance(m, nn.Linear) and getattr(m, _HOOK, None) is not None}
+        self.hooks: dict[str, Any] = {}
         self.moved = False
         self.loaded_bytes = 0
+        self.adapter: ModelAdapter | None = None
+        self.steps: list[Step] = []
+
+    def start(self, adapter: ModelAdapter, spec: ModelSpec, steps: list[Step]) -> None:
+        """Before any step hook: with float edits to make, load what lies outside the blocks; then
+        note the hooks of the linears still on disk (wrapping replaces those modules)."""
+        self.adapter, self.steps = adapter, steps
+        if has_block_hooks(steps) or any(step.overrides("prepare") or step.overrides("configure") for step in steps):
+            self.loaded_bytes += materialize_outside_blocks(self.model, spec)
+        self.hooks = {name: getattr(m, _HOOK) for name, m in self.model.named_modules()
+                      if isinstance(m, nn.Linear) and getattr(m, _HOOK, None) is not None}
 
     def _move_hooks_to_wrappers(self) -> None:
         # optional path: only offloaded quantization needs accelerate
         from accelerate.hooks import add_hook_to_module
-
 
         for name, module in self.model.named_modules():
             hook = self.hooks.get(name)
@@ -173,12 +212,22 @@ class OffloadSession:
                 add_hook_to_module(module, hook)
         self.moved = True
 
-    def before_block(self, block: Any) -> None:
+    def before_block(self, block: Any) -> Any:
+        """Load the block; for a vision/language block run the steps' block hooks on it and return
+        its re-read spec (its norms may have been replaced), else None."""
         if not self.moved:
             self._move_hooks_to_wrappers()
         drop_dequant_caches(self.model)
         for module in {id(m): m for m in _block_modules(block)}.values():
             self.loaded_bytes += materialize(module)
+        if self.adapter is None or not has_block_hooks(self.steps):
+            return None
+        spec = self.adapter.validate(self.model)
+        for modality in [t.modality for t in spec.towers()]:
+            for index, candidate in enumerate(getattr(spec, modality).blocks):
+                if candidate.module is block.module:
+                    return prepare_block(self.model, self.adapter, spec, self.steps, modality, index)[1]
+        return None
 
 
 def drop_dequant_caches(model: nn.Module) -> None:
@@ -213,10 +262,3 @@ def _block_modules(block: Any) -> list[nn.Module]:
     modules += [n.module for n in [getattr(block, "norm", None)] if n is not None]
     modules += [ref.module for ref in block.linears()]
     return modules
-
-
-def check_offloadable(recipe: Recipe) -> None:
-    whole_model = [step.name for step in build_steps(recipe) if step.rewrites_whole_model]
-    if whole_model:
-        raise ConfigError(f"recipe step(s) {', '.join(whole_model)} rewrite every weight before calibration and cannot run "
-                          "on an offloaded model yet; use method rtn, gptq or smoothquant, or quantize in memory")

@@ -63,8 +63,9 @@ class SequentialCalibrator:
     # With a checkpoint, finished blocks are saved, and on a rerun restored instead of recalibrated.
     checkpoint: CalibrationCheckpoint | None = None
     # Called with each block (spec) before it is calibrated or restored: an offloaded model loads
-    # the block's weights here (calib/offload.py).
-    before_block: Callable[[object], None] | None = None
+    # the block's weights here and makes the steps' per-block float edits (calib/offload.py); it
+    # returns the block's re-read spec when those edits replaced modules, else None.
+    before_block: Callable[[object], object | None] | None = None
 
     def run_blocks(
         self,
@@ -90,7 +91,7 @@ class SequentialCalibrator:
         block's quantized state and only run `runner()` (a restored block still produces the next
         block's inputs). With a checkpoint, a freshly calibrated block is saved before returning."""
         if self.before_block is not None:
-            self.before_block(block)
+            block = self.before_block(block) or block  # a block edited on loading comes back re-read
         if self.checkpoint is not None and self.checkpoint.has(block_id):
             self.records.extend(self.checkpoint.load_block(block_id, block))
             return runner()
@@ -139,7 +140,8 @@ class SequentialCalibrator:
         for gi, group in enumerate(block.groups):
             if stats[gi].rows_seen == 0:
                 raise CalibrationError(f"{group.linears[0].module.name} never ran on the calibration samples; add samples with images")
-            self._quantize_group(group, stats[gi], scheme, part, probes, records)
+            # popped: a group's Hessian (in×in, 1.4 GB for a 7B down_proj) is freed once it is quantized
+            self._quantize_group(group, stats.pop(gi), scheme, part, probes, records)
         handles = [m.register_forward_hook(p) for m, p in probes.items()]
         try:
             outputs = runner()
@@ -163,7 +165,9 @@ class SequentialCalibrator:
             codes, scale = quantize_weight(weight, scheme, self.recipe.weights, hessian)
             deq = dequantize_weight(codes, scale, torch.float32)
             w_err = float((deq - weight.float()).norm() / weight.float().norm().clamp_min(1e-30))
-            probes[module] = _ErrorProbe(weight.clone(), None if module.bias is None else module.bias.detach().clone())
+            # The probe keeps the float weight itself, not a copy: set_quantized only drops the
+            # layer's reference to it, so the block's float weights are held once, not twice.
+            probes[module] = _ErrorProbe(weight, None if module.bias is None else module.bias.detach().clone())
             module.set_quantized(codes, scale, scheme.weight_bits, scheme.act_bits, scheme.act_dynamic, act_scale)
             records.append(
                 LayerRecord(

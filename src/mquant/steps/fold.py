@@ -23,6 +23,8 @@ F64 = torch.float64
 
 def _assign(tensor: torch.Tensor, value: torch.Tensor) -> None:
     """Overwrite a parameter/buffer in place (keeps its identity, dtype and device)."""
+    if tensor.device.type == "meta":  # still on disk (calib/offload.py): copy_ would drop the edit silently
+        raise ConfigError("a float transform edited a tensor that is still offloaded to disk; its module must be loaded first")
     with torch.no_grad():
         tensor.copy_(value.to(dtype=tensor.dtype, device=tensor.device))
 
@@ -33,24 +35,60 @@ def _along(t: torch.Tensor, axis: int, fn) -> torch.Tensor:
     return fn(moved).movedim(-1, axis)
 
 
-def rotate_tensor(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
-    """``t`` multiplied by I_k ⊗ Q along ``axis`` (k = size / n), as float64."""
+# float64 elements edited at a time: a 7B model's embedding (545M values) is rotated in 130
+# slices of 32 MB scratch, not through two 4.4 GB float64 copies.
+SCRATCH_ELEMENTS = 1 << 22
+
+
+def _slices(t: torch.Tensor, keep: int):
+    """Views of `t` that split its longest axis other than `keep`, each ~SCRATCH_ELEMENTS values."""
+    others = [d for d in range(t.ndim) if d != keep % t.ndim]
+    if not others or t.numel() <= SCRATCH_ELEMENTS:
+        yield t
+        return
+    dim = max(others, key=lambda d: t.shape[d])
+    step = max(1, t.shape[dim] * SCRATCH_ELEMENTS // t.numel())
+    for start in range(0, t.shape[dim], step):
+        yield t.narrow(dim, start, min(step, t.shape[dim] - start))
+
+
+def edit_along(tensor: torch.Tensor, axis: int, fn) -> None:
+    """tensor ← fn(tensor as float64 with `axis` last), in place, slice by slice along another axis;
+    `fn` must treat every vector along `axis` on its own (rotations, centring, scalings do)."""
+    for part in _slices(tensor, axis):
+        _assign(part, _along(part, axis, fn))
+
+
+def _rotation(q: torch.Tensor, size: int):
+    """x ↦ x(I_k ⊗ Q) on the last axis, of width `size` = k·n."""
     n = q.shape[0]
-    size = t.shape[axis]
     if size % n:
         raise ConfigError(f"cannot rotate an axis of size {size} by a {n}×{n} rotation; check the adapter's hidden axis")
     q = q.to(F64)
 
     def fn(m: torch.Tensor) -> torch.Tensor:
-        chunks = m.reshape(*m.shape[:-1], size // n, n)
-        return (chunks @ q).reshape(m.shape)
+        # one (rows·k)×n GEMM: [rows, k, n] @ Q would run rows·k separate 1×n products
+        return (m.reshape(-1, n) @ q).reshape(m.shape)
 
-    return _along(t, axis, fn)
+    return fn
+
+
+def rotate_tensor(t: torch.Tensor, axis: int, q: torch.Tensor) -> torch.Tensor:
+    """``t`` multiplied by I_k ⊗ Q along ``axis`` (k = size / n), as float64."""
+    return _along(t, axis, _rotation(q, t.shape[axis]))
+
+
+def rotate_in_place(t: torch.Tensor, axis: int, q: torch.Tensor) -> None:
+    edit_along(t, axis, _rotation(q, t.shape[axis]))
+
+
+def _centre(m: torch.Tensor) -> torch.Tensor:
+    return m - m.mean(dim=-1, keepdim=True)
 
 
 def centre_tensor(t: torch.Tensor, axis: int) -> torch.Tensor:
     """``t`` minus its mean along ``axis`` (W ← C·W with C = I − 11ᵀ/n for a writer's rows)."""
-    return _along(t, axis, lambda m: m - m.mean(dim=-1, keepdim=True))
+    return _along(t, axis, _centre)
 
 
 # ---- residual parameters and linears -------------------------------------------------------------
@@ -62,13 +100,11 @@ def param_tensor(param: ResidualParam) -> torch.Tensor:
 
 
 def rotate_param(param: ResidualParam, q: torch.Tensor) -> None:
-    tensor = param_tensor(param)
-    _assign(tensor, rotate_tensor(tensor, param.axis, q))
+    rotate_in_place(param_tensor(param), param.axis, q)
 
 
 def centre_param(param: ResidualParam) -> None:
-    tensor = param_tensor(param)
-    _assign(tensor, centre_tensor(tensor, param.axis))
+    edit_along(param_tensor(param), param.axis, _centre)
 
 
 def ensure_bias(linear: nn.Linear) -> bool:
@@ -83,21 +119,21 @@ def ensure_bias(linear: nn.Linear) -> bool:
 
 def rotate_writer(linear: nn.Linear, q: torch.Tensor) -> None:
     """Output rows of a stream writer: W ← QᵀW, b ← Qᵀb (so its output becomes yQ)."""
-    _assign(linear.weight, rotate_tensor(linear.weight, 0, q))
+    rotate_in_place(linear.weight, 0, q)
     if linear.bias is not None:
-        _assign(linear.bias, rotate_tensor(linear.bias, 0, q))
+        rotate_in_place(linear.bias, 0, q)
 
 
 def rotate_reader(linear: nn.Linear, q: torch.Tensor) -> None:
     """Input columns of a stream reader: W ← W(I_k ⊗ Q) (so it reads xQ and outputs the same)."""
-    _assign(linear.weight, rotate_tensor(linear.weight, 1, q))
+    rotate_in_place(linear.weight, 1, q)
 
 
 def centre_writer(linear: nn.Linear) -> None:
     """Make a writer's output mean-free along the hidden axis: W ← CW, b ← Cb."""
-    _assign(linear.weight, centre_tensor(linear.weight, 0))
+    edit_along(linear.weight, 0, _centre)
     if linear.bias is not None:
-        _assign(linear.bias, centre_tensor(linear.bias, 0))
+        edit_along(linear.bias, 0, _centre)
 
 
 # ---- norms and layer scales ----------------------------------------------------------------------
@@ -110,22 +146,24 @@ def _tiled(v: torch.Tensor, size: int) -> torch.Tensor:
 def fold_affine_into_linear(linear: nn.Linear, gamma: torch.Tensor, beta: torch.Tensor | None) -> bool:
     """A norm output n·γ + β feeding `linear` (k chunks when in_features = k·width):
     W ← W·diag(γ), b ← b + Wβ. Returns True when a bias had to be created."""
-    w = linear.weight.detach().to(F64)
-    g = _tiled(gamma, w.shape[1])
+    width = linear.weight.shape[1]
     added = False
     if beta is not None and bool(beta.ne(0).any()):
         added = ensure_bias(linear)
-        shift = w @ _tiled(beta, w.shape[1])
-        _assign(linear.bias, linear.bias.detach().to(F64) + shift)
-    _assign(linear.weight, w * g)
+        b, step = _tiled(beta, width), max(1, SCRATCH_ELEMENTS // width)
+        for start in range(0, linear.weight.shape[0], step):  # row slices, as in edit_along
+            rows, bias = linear.weight[start : start + step], linear.bias[start : start + step]
+            _assign(bias, bias.detach().to(F64) + rows.detach().to(F64) @ b)
+    g = _tiled(gamma, width)
+    edit_along(linear.weight, 1, lambda m: m * g)
     return added
 
 
 def fold_scale_into_param(param: ResidualParam, gamma: torch.Tensor) -> None:
     """A reader that is not a Linear (a downsampling conv): scale its input axis by γ (tiled)."""
     tensor = param_tensor(param)
-    size = tensor.shape[param.axis]
-    _assign(tensor, _along(tensor, param.axis, lambda m: m * _tiled(gamma, size)))
+    g = _tiled(gamma, tensor.shape[param.axis])
+    edit_along(tensor, param.axis, lambda m: m * g)
 
 
 def fold_layer_scale(ref: LayerScaleRef) -> None:
@@ -135,7 +173,7 @@ def fold_layer_scale(ref: LayerScaleRef) -> None:
     if bool((lam == 1).all()):
         return
     linear = ref.writer.module
-    _assign(linear.weight, linear.weight.detach().to(F64) * lam[:, None])
+    edit_along(linear.weight, 0, lambda m: m * lam)
     if linear.bias is not None:
         _assign(linear.bias, linear.bias.detach().to(F64) * lam)
     _assign(scale, torch.ones_like(scale, dtype=F64))
@@ -155,9 +193,9 @@ def rotate_heads(att: AttentionRef, h: torch.Tensor) -> None:
     if len(rows) != att.num_kv_heads * d or rows.step != 1:
         raise ConfigError(f"{att.v.name}: {len(rows)} value rows, expected kv_heads·head_dim = {att.num_kv_heads * d}")
     v, sl = att.v.module, slice(rows.start, rows.stop)
-    _assign(v.weight[sl], rotate_tensor(v.weight[sl], 0, h))
+    rotate_in_place(v.weight[sl], 0, h)
     if v.bias is not None:
-        _assign(v.bias[sl], rotate_tensor(v.bias[sl], 0, h))
+        rotate_in_place(v.bias[sl], 0, h)
     o = att.o.module
     if o.in_features != att.num_heads * d:
         raise ConfigError(f"{att.o.name}: {o.in_features} input features, expected heads·head_dim = {att.num_heads * d}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mquant.errors import ConfigError
-from mquant.models.spec import ModelSpec, NormRef, TowerSpec
+from mquant.models.spec import BlockSpec, ModelSpec, NormRef, TowerSpec
 from mquant.steps.fold import ensure_bias, fold_affine_into_linear, fold_layer_scale, fold_scale_into_param
 from mquant.steps.structure import record_structure, recorded_structure, register_replay
 
@@ -110,18 +110,30 @@ def is_identity_affine(norm: NormRef) -> bool:
 # ---- which norms read a residual stream ----------------------------------------------------------
 def stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[NormRef]:
     """Every norm whose input is `tower`'s residual stream (the input norm excluded: it writes it):
-    the blocks' pre-norms, the final norm (GLM-4V's also feeds its downsample conv: `param_feeds`),
-    and for the vision tower the DeepStack taps' norms (4·hidden over 2×2 patches) and a projector
-    input norm when the tower has no final norm of its own (it then reads the raw stream, k chunks
-    wide)."""
-    out = [norm for block in tower.blocks for norm in block.norms]
-    if tower.final_norm is not None:
-        out.append(tower.final_norm)
+    the blocks' pre-norms, then `outer_stream_norms`."""
+    return [norm for block in tower.blocks for norm in block.norms] + outer_stream_norms(spec, tower)
+
+
+def outer_stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[NormRef]:
+    """The stream's norms outside its blocks: the final norm (GLM-4V's also feeds its downsample
+    conv: `param_feeds`), and for the vision tower the DeepStack taps' norms (4·hidden over 2×2
+    patches) and a projector input norm when the tower has no final norm of its own (it then reads
+    the raw stream, k chunks wide). They and what they feed are outside every block, so a streamed
+    model (calib/offload.py) edits them with the model-level part of a step."""
+    out = [] if tower.final_norm is None else [tower.final_norm]
     if tower.modality == "vision":
         out += [tap.norm for tap in spec.projector.deepstack]
         if tower.final_norm is None and spec.projector.norm is not None:
             out.append(spec.projector.norm)
     return out
+
+
+def planned_kind(model: nn.Module, norm: NormRef) -> str:
+    """The norm's kind once the recorded structure is in place: a LayerNorm that `ln_to_rms` has
+    scheduled to become a UnifiedRMSNorm counts as one even while its block is still on disk (a
+    streamed model replaces it when the block is loaded, after later steps have decided)."""
+    planned = recorded_structure(model).get(STRUCTURE_KEY, {}).get("rmsnorm", {})
+    return "rmsnorm" if norm.name in planned else norm.kind
 
 
 def _foldable(norm: NormRef) -> bool:
@@ -165,14 +177,11 @@ def fold_norm(model: nn.Module, norm: NormRef) -> list[str]:
     return added
 
 
-def fold_layer_scales(tower: TowerSpec) -> int:
-    """Fold every LayerScale into its writer (it must precede centring and rotation)."""
-    count = 0
-    for block in tower.blocks:
-        for scale in block.layer_scales:
-            fold_layer_scale(scale)
-            count += 1
-    return count
+def fold_layer_scales(block: BlockSpec) -> int:
+    """Fold the block's LayerScales into their writers (it must precede centring and rotation)."""
+    for scale in block.layer_scales:
+        fold_layer_scale(scale)
+    return len(block.layer_scales)
 
 
 def make_input_norm_projected(model: nn.Module, tower: TowerSpec, kind: str) -> str | None:
@@ -201,19 +210,23 @@ def _note(model: nn.Module, section: str, key: str, value) -> None:
 
 def _dtype_device(module: nn.Module, model: nn.Module) -> tuple[torch.dtype, torch.device]:
     ref = next(module.parameters(), None)
-    if ref is None:
-        ref = next(model.parameters())
+    if ref is None:  # a loaded tensor, not one still offloaded to disk (meta)
+        ref = next((p for p in model.parameters() if p.device.type != "meta"), next(model.parameters()))
     return ref.dtype, ref.device
+
+
+def plan_rmsnorm(model: nn.Module, norm: NormRef) -> None:
+    """Record that the LayerNorm `norm` becomes a UnifiedRMSNorm (`replace_with_rmsnorm` swaps it)."""
+    _note(model, "rmsnorm", norm.name, {"width": int(norm.module.normalized_shape[-1]), "eps": norm.eps})
 
 
 def replace_with_rmsnorm(model: nn.Module, norm: NormRef) -> UnifiedRMSNorm:
     """Swap a LayerNorm (affine already folded) for a weight-ones RMSNorm with the same eps."""
     dtype, device = _dtype_device(norm.module, model)
-    width = int(norm.module.normalized_shape[-1])
-    new = UnifiedRMSNorm(width, norm.eps, dtype, device)
+    new = UnifiedRMSNorm(int(norm.module.normalized_shape[-1]), norm.eps, dtype, device)
     parent, attr = _parent(model, norm.name)
     setattr(parent, attr, new)
-    _note(model, "rmsnorm", norm.name, {"width": width, "eps": norm.eps})
+    plan_rmsnorm(model, norm)
     return new
 
 

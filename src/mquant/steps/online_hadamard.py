@@ -12,20 +12,21 @@ from __future__ import annotations
 from torch import nn
 
 from mquant.config import OnlineHadamardConfig
-from mquant.core.hadamard import hadamard_matrix, hadamard_supported
+from mquant.core.hadamard import fwht, hadamard_supported
 from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
-from mquant.models.spec import ModelSpec
+from mquant.models.spec import BlockSpec, ModelSpec, TowerSpec
 from mquant.steps.base import Step
-from mquant.steps.fold import F64
+from mquant.steps.fold import edit_along
 
 
 def apply_online_hadamard(module: QuantLinear) -> None:
     """Turn on the online transform of one float-state QuantLinear and compensate its weight."""
     if module.quantized or module.rms_split:
         raise ConfigError(f"{module.name}: the online Hadamard must be applied before RMS and quantization")
-    h = hadamard_matrix(module.in_features, F64, module.weight.device)
-    module.weight.data = (module.weight.data.to(F64) @ h).to(module.weight.dtype)
+    # W ← W·H row by row with the fast transform (fwht(w) = w·H): no dense n×n matrix, which
+    # for a 7B down_proj (n = 18944) would be 2.9 GB of float64.
+    edit_along(module.weight, 1, fwht)
     module.online_hadamard = True
 
 
@@ -33,26 +34,25 @@ class OnlineHadamard(Step):
     """Recipe step: a run-time Hadamard before every block's MLP output linear (down_proj / fc2)."""
 
     config_type = OnlineHadamardConfig
-    rewrites_whole_model = True
 
     def configure(self, model: nn.Module, adapter, spec: ModelSpec) -> dict:
-        return apply_to_mlp_outputs(spec)
+        self.info = {"layers": [], "skipped": {}}
+        return self.info
+
+    def configure_block(self, model: nn.Module, spec: ModelSpec, tower: TowerSpec, block: BlockSpec) -> None:
+        apply_to_mlp_output(block, self.info)
 
 
-def apply_to_mlp_outputs(spec: ModelSpec) -> dict:
-    done: list[str] = []
-    skipped: dict[str, str] = {}
-    for tower in spec.towers():
-        for block in tower.blocks:
-            ref = block.mlp_out
-            module = ref.module
-            if not isinstance(module, QuantLinear):
-                raise ConfigError(f"{ref.name} is not wrapped; online_hadamard runs after the linears become QuantLinear")
-            if module.online_hadamard:
-                continue
-            if not hadamard_supported(module.in_features):
-                skipped[ref.name] = f"no Hadamard matrix of size {module.in_features}"
-                continue
-            apply_online_hadamard(module)
-            done.append(ref.name)
-    return {"layers": done, "skipped": skipped}
+def apply_to_mlp_output(block: BlockSpec, info: dict) -> None:
+    """One block's part (its own mlp_out only: a streamed model runs it when the block loads)."""
+    ref = block.mlp_out
+    module = ref.module
+    if not isinstance(module, QuantLinear):
+        raise ConfigError(f"{ref.name} is not wrapped; online_hadamard runs after the linears become QuantLinear")
+    if module.online_hadamard:
+        return
+    if not hadamard_supported(module.in_features):
+        info["skipped"][ref.name] = f"no Hadamard matrix of size {module.in_features}"
+        return
+    apply_online_hadamard(module)
+    info["layers"].append(ref.name)

@@ -14,6 +14,12 @@ Per tower (vision and language, each with its own Q from `RotateConfig.seed`):
 Towers with sandwich post-norms (GLM-4V text) and sizes without a Hadamard matrix are skipped with
 the reason in the returned info. Per-head Hadamard on v rows / o columns (fold.rotate_heads) is
 independent of the stream rotation and applied to every block whose head_dim is supported.
+
+Every edit touches either modules outside the blocks (`prepare`: embeddings, input norm, final
+norm → lm_head / projector, raw readers) or one block's own modules (`prepare_block`, with the
+tower's one Q), so a model streamed from disk rotates each block when it is loaded and ends with
+the same tensors as in memory. Q's kind is decided up front from the planned structure (a LayerNorm
+`ln_to_rms` will replace counts as an RMSNorm: norms.planned_kind).
 """
 
 from __future__ import annotations
@@ -22,10 +28,19 @@ from torch import nn
 
 from mquant.config import RotateConfig
 from mquant.core.hadamard import hadamard_matrix, hadamard_supported
-from mquant.models.spec import ModelSpec, TowerSpec
+from mquant.models.spec import BlockSpec, ModelSpec, TowerSpec
 from mquant.steps.base import Step
 from mquant.steps.fold import F64, mean_preserving_rotation, random_rotation, rotate_heads, rotate_param, rotate_reader, rotate_writer
-from mquant.steps.norms import fold_layer_scales, fold_norm, make_input_norm_projected, norm_problem, stream_norms, untie_embeddings
+from mquant.steps.norms import (
+    fold_layer_scales,
+    fold_norm,
+    make_input_norm_projected,
+    norm_problem,
+    outer_stream_norms,
+    planned_kind,
+    stream_norms,
+    untie_embeddings,
+)
 
 
 def tower_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:
@@ -40,23 +55,21 @@ def tower_problem(spec: ModelSpec, tower: TowerSpec) -> str | None:
     return None
 
 
-def prepare_tower(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> dict:
-    """Make the stream's readers affine-free (folding into what they feed)."""
-    info = {"untied_embeddings": untie_embeddings(model, tower) if tower.modality == "language" else False}
-    info["layer_scales_folded"] = fold_layer_scales(tower)
+def prepare_outer(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> dict:
+    """Make the stream's readers outside the blocks affine-free (folding into what they feed)."""
+    info = {"untied_embeddings": untie_embeddings(model, tower) if tower.modality == "language" else False,
+            "layer_scales_folded": 0}
     if tower.input_norm is not None:
         info["input_norm"] = make_input_norm_projected(model, tower, tower.input_norm.kind)
-    biases: list[str] = []
-    for norm in stream_norms(spec, tower):
-        biases += fold_norm(model, norm)
-    info["biases_added"] = biases
+    info["biases_added"] = [name for norm in outer_stream_norms(spec, tower) for name in fold_norm(model, norm)]
     return info
 
 
-def needs_mean_preserving(spec: ModelSpec, tower: TowerSpec) -> list[str]:
-    """Names of LayerNorms (kept as such) that read or start this stream."""
-    names = [n.name for n in stream_norms(spec, tower) if n.kind == "layernorm"]
-    if tower.input_norm is not None and tower.input_norm.kind == "layernorm":
+def needs_mean_preserving(model: nn.Module, spec: ModelSpec, tower: TowerSpec) -> list[str]:
+    """Names of LayerNorms (kept as such, also once the planned structure is in place) that read or
+    start this stream."""
+    names = [n.name for n in stream_norms(spec, tower) if planned_kind(model, n) == "layernorm"]
+    if tower.input_norm is not None and planned_kind(model, tower.input_norm) == "layernorm":
         names.append(tower.input_norm.name)
     return names
 
@@ -69,16 +82,15 @@ def _unique(refs):
             yield ref
 
 
-def rotate_tower(spec: ModelSpec, tower: TowerSpec, q) -> None:
+def rotate_outer(spec: ModelSpec, tower: TowerSpec, q) -> None:
+    """x → xQ on everything outside the blocks that writes or reads the stream."""
     for param in tower.input_writers:
         rotate_param(param, q)
     if tower.input_norm is not None:
-        proj = tower.input_norm.module.proj  # prepare_tower made it projected
+        proj = tower.input_norm.module.proj  # prepare_outer made it projected
         rotate_writer(proj, q)
         rotate_reader(proj, q)
-    for ref in _unique(w for block in tower.blocks for w in block.residual_writers):
-        rotate_writer(ref.module, q)
-    norms = stream_norms(spec, tower)
+    norms = outer_stream_norms(spec, tower)
     for ref in _unique(f for n in norms for f in n.feeds):
         rotate_reader(ref.module, q)
     for param in [p for n in norms for p in n.param_feeds] + list(tower.raw_reader_params):
@@ -87,33 +99,47 @@ def rotate_tower(spec: ModelSpec, tower: TowerSpec, q) -> None:
         rotate_reader(ref.module, q)
 
 
-def rotate_all_heads(spec: ModelSpec) -> dict:
-    out = {}
-    for tower in spec.towers():
-        dims = {b.attention.head_dim for b in tower.blocks}
-        done, skipped = 0, {}
-        for block in tower.blocks:
-            d = block.attention.head_dim
-            if not hadamard_supported(d):
-                skipped[block.name] = f"no Hadamard matrix of size head_dim={d}"
-                continue
-            rotate_heads(block.attention, hadamard_matrix(d, F64))
-            done += 1
-        out[tower.modality] = {"head_dim": sorted(dims), "blocks": done, "skipped": skipped}
-    return out
+def rotate_block(model: nn.Module, block: BlockSpec, q, info: dict) -> None:
+    """The block's part: its norms folded, then x → xQ on its writers' rows and its readers' columns."""
+    info["layer_scales_folded"] += fold_layer_scales(block)
+    info["biases_added"] += [name for norm in block.norms for name in fold_norm(model, norm)]
+    for ref in _unique(block.residual_writers):
+        rotate_writer(ref.module, q)
+    for ref in _unique(f for n in block.norms for f in n.feeds):
+        rotate_reader(ref.module, q)
+    for param in [p for n in block.norms for p in n.param_feeds]:
+        rotate_param(param, q)
+
+
+def rotate_block_heads(block: BlockSpec, info: dict) -> None:
+    d = block.attention.head_dim
+    if not hadamard_supported(d):
+        info["skipped"][block.name] = f"no Hadamard matrix of size head_dim={d}"
+        return
+    rotate_heads(block.attention, hadamard_matrix(d, F64))
+    info["blocks"] += 1
 
 
 class Rotate(Step):
-    """Recipe step: Hadamard-rotate both residual streams (and per-head v/o), folded into weights."""
+    """Recipe step: Hadamard-rotate both residual streams (and per-head v/o), folded into weights.
+    `prepare` decides each tower's Q and rotates what lies outside the blocks; `prepare_block`
+    rotates one block with the same Q (a streamed model: when the block is loaded)."""
 
     config_type = RotateConfig
-    rewrites_whole_model = True
 
     def prepare(self, model: nn.Module, adapter, spec: ModelSpec) -> dict:
-        return rotate_model(model, adapter, spec, self.config.seed)
+        self.info, self.q = rotate_model(model, adapter, spec, self.config.seed)
+        return self.info
+
+    def prepare_block(self, model: nn.Module, spec: ModelSpec, tower: TowerSpec, block: BlockSpec) -> None:
+        q = self.q.get(tower.modality)
+        if q is not None:
+            rotate_block(model, block, q, self.info[tower.modality])
+        rotate_block_heads(block, self.info["per_head"][tower.modality])
 
 
-def rotate_model(model: nn.Module, adapter, spec: ModelSpec, seed: int) -> dict:
+def rotate_model(model: nn.Module, adapter, spec: ModelSpec, seed: int) -> tuple[dict, dict]:
+    """The model-level part; returns the info and each rotated tower's Q (float64)."""
     info: dict = {}
     todo = []
     for tower in spec.towers():
@@ -122,20 +148,23 @@ def rotate_model(model: nn.Module, adapter, spec: ModelSpec, seed: int) -> dict:
         if problem is not None:
             info[modality] = {"tower": tower.name, "rotated": False, "reason": problem}
             continue
-        info[modality] = {"tower": tower.name, **prepare_tower(model, spec, tower)}
+        info[modality] = {"tower": tower.name, **prepare_outer(model, spec, tower)}
         todo.append(modality)
     spec = adapter.validate(model)  # folds may have added biases and replaced input norms
+    rotations = {}
     for modality in todo:
         tower = getattr(spec, modality)
         n = tower.hidden_size
-        layernorms = needs_mean_preserving(spec, tower)
+        layernorms = needs_mean_preserving(model, spec, tower)
         if layernorms:
             q = mean_preserving_rotation(n, seed)
             kind = {"rotation": "mean_preserving", "reason": f"LayerNorm(s) {layernorms} still subtract the mean"}
         else:
             q = random_rotation(n, seed)
             kind = {"rotation": "random_hadamard"}
-        rotate_tower(spec, tower, q)
+        rotate_outer(spec, tower, q)
+        rotations[modality] = q
         info[modality].update(rotated=True, size=n, seed=seed, **kind)
-    info["per_head"] = rotate_all_heads(spec)
-    return info
+    info["per_head"] = {t.modality: {"head_dim": sorted({b.attention.head_dim for b in t.blocks}), "blocks": 0, "skipped": {}}
+                        for t in spec.towers()}
+    return info, rotations
