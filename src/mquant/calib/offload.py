@@ -11,9 +11,10 @@ called by the calibrator before each block (`mquant.api.quantize_offloaded` wire
 * after calibration the block holds only integer codes and scales (the float weights are dropped
   by `QuantLinear.set_quantized`), and with its hooks gone nothing reloads them.
 
-So at any time memory holds: the quantized blocks so far, one float block, and one float module of
-a streamed forward (e.g. the embedding). Everything not in a block (embeddings, lm_head, final
-norms) stays offloaded; `materialize(model)` loads it when the model is saved.
+For recipes without float edits (RTN, GPTQ, SmoothQuant) memory holds at any time: the quantized
+blocks so far, one float block, and one float module of a streamed forward (e.g. the embedding).
+Everything not in a block (embeddings, lm_head, final norms) stays offloaded; `materialize(model)`
+loads it when the model is saved.
 
 Wrapping linears in QuantLinear (`core.swap.wrap_linears`) creates new modules without the
 accelerate hook; the session moves each hook onto its QuantLinear before the first block so that

@@ -118,8 +118,8 @@ def outer_stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[NormRef]:
     """The stream's norms outside its blocks: the final norm (GLM-4V's also feeds its downsample
     conv: `param_feeds`), and for the vision tower the DeepStack taps' norms (4·hidden over 2×2
     patches) and a projector input norm when the tower has no final norm of its own (it then reads
-    the raw stream, k chunks wide). They and what they feed are outside every block, so a streamed
-    model (calib/offload.py) edits them with the model-level part of a step."""
+    the raw stream, k chunks wide). They and what they feed lie outside every block: a step edits
+    them in its model-level hook."""
     out = [] if tower.final_norm is None else [tower.final_norm]
     if tower.modality == "vision":
         out += [tap.norm for tap in spec.projector.deepstack]
@@ -129,9 +129,8 @@ def outer_stream_norms(spec: ModelSpec, tower: TowerSpec) -> list[NormRef]:
 
 
 def planned_kind(model: nn.Module, norm: NormRef) -> str:
-    """The norm's kind once the recorded structure is in place: a LayerNorm that `ln_to_rms` has
-    scheduled to become a UnifiedRMSNorm counts as one even while its block is still on disk (a
-    streamed model replaces it when the block is loaded, after later steps have decided)."""
+    """The norm's kind once the recorded structure is in place: a LayerNorm `ln_to_rms` scheduled
+    to become a UnifiedRMSNorm counts as one while its block is still on disk (streamed)."""
     planned = recorded_structure(model).get(STRUCTURE_KEY, {}).get("rmsnorm", {})
     return "rmsnorm" if norm.name in planned else norm.kind
 
