@@ -13,7 +13,7 @@ from mquant.models.registry import get_adapter
 from mquant.steps.fold import fold_affine_into_linear
 from mquant.steps.norms import stream_norms
 from mquant.steps.structure import apply_structure
-from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent
 from mquant.testing.tiny import TEXT_FAMILIES, tiny_case
 
 # What the step must decide per family (vision tower); language towers are RMSNorm already.
@@ -25,16 +25,10 @@ EXPECTED_VISION = {
 }
 
 
-def _case(family: str):
-    reason = family_missing(family)
-    if reason:
-        pytest.skip(reason)
-    return tiny_case(family, dtype=torch.float64)
-
 
 @pytest.mark.parametrize("family", EQUIVALENCE_FAMILIES)
-def test_ln_to_rms_keeps_logits(family):
-    case = _case(family)
+def test_ln_to_rms_keeps_logits(family, equivalence_case):
+    case = equivalence_case(family)
     before = copy.deepcopy(case.model)
     info = apply_transforms(case.model, "ln_to_rms")["ln_to_rms"]
     assert_logits_equivalent(before, case.model, case.batch(2, seed=1, text_only_row=True))
@@ -56,9 +50,9 @@ def test_ln_to_rms_keeps_logits(family):
             assert weight is None or bool((weight == 1).all())
 
 
-def test_unified_stream_is_mean_free():
+def test_unified_stream_is_mean_free(equivalence_case):
     """After unification every block of the Qwen2-VL vision tower reads a mean-free stream."""
-    case = _case("qwen2_vl")
+    case = equivalence_case("qwen2_vl")
     apply_transforms(case.model, "ln_to_rms")
     spec = get_adapter(case.model).validate(case.model)
     seen = []
@@ -74,11 +68,11 @@ def test_unified_stream_is_mean_free():
     assert not any(isinstance(m, nn.LayerNorm) for m in spec.vision.module.modules())
 
 
-def test_input_norm_and_new_bias_are_replayed():
+def test_input_norm_and_new_bias_are_replayed(equivalence_case):
     """CLIP's pre_layrnorm becomes a projected norm; Idefics3's bias-free connector gains a bias.
     A fresh model rebuilt from the record has the same module tree and loads the tensors."""
     for family in ("llava", "idefics3"):
-        case = _case(family)
+        case = equivalence_case(family)
         apply_transforms(case.model, "ln_to_rms")
         fresh = tiny_case(family, dtype=torch.float64, seed=3).model
         adapter = get_adapter(fresh)

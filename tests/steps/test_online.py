@@ -13,20 +13,12 @@ from mquant.errors import ConfigError
 from mquant.models.registry import get_adapter
 from mquant.steps import online_hadamard as online
 from mquant.steps.online_hadamard import apply_online_hadamard
-from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
-from mquant.testing.tiny import tiny_case
-
-
-def _case(family: str):
-    reason = family_missing(family)
-    if reason:
-        pytest.skip(reason)
-    return tiny_case(family, dtype=torch.float64)
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent
 
 
 @pytest.mark.parametrize("family", EQUIVALENCE_FAMILIES)
-def test_online_hadamard_keeps_logits(family):
-    case = _case(family)
+def test_online_hadamard_keeps_logits(family, equivalence_case):
+    case = equivalence_case(family)
     before = copy.deepcopy(case.model)
     info = apply_transforms(case.model, "online_hadamard")["online_hadamard"]
     assert_logits_equivalent(before, case.model, case.batch(2, seed=3, text_only_row=True))
@@ -36,8 +28,8 @@ def test_online_hadamard_keeps_logits(family):
     assert len(info["layers"]) == len(blocks) and info["skipped"] == {}
 
 
-def test_online_hadamard_needs_wrapped_linears():
-    case = _case("qwen2_vl")
+def test_online_hadamard_needs_wrapped_linears(equivalence_case):
+    case = equivalence_case("qwen2_vl")
     adapter = get_adapter(case.model)
     spec, step = adapter.validate(case.model), online.OnlineHadamard()
     step.configure(case.model, adapter, spec)
@@ -58,9 +50,9 @@ def test_weight_absorbs_the_transform_for_a_non_power_of_two_size():
         apply_online_hadamard(q)  # order matters: never after RMS
 
 
-def test_unsupported_size_is_skipped(monkeypatch):
+def test_unsupported_size_is_skipped(monkeypatch, equivalence_case):
     monkeypatch.setattr(online, "hadamard_supported", lambda n: n != 128)  # language intermediate size
-    case = _case("qwen2_vl")
+    case = equivalence_case("qwen2_vl")
     info = apply_transforms(case.model, "online_hadamard")["online_hadamard"]
     assert set(info["skipped"]) == {"model.language_model.layers.0.mlp.down_proj", "model.language_model.layers.1.mlp.down_proj"}
     assert all("128" in reason for reason in info["skipped"].values())

@@ -18,17 +18,10 @@ from mquant.models.registry import get_adapter
 from mquant.models.spec import LinearGroup, LinearRef
 from mquant.steps import rms
 from mquant.steps.online_hadamard import apply_online_hadamard
-from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
-from mquant.testing.tiny import tiny_case
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent
 
 ALL_STEPS = ("ln_to_rms", "rotate", "online_hadamard", "rms")
 
-
-def _case(family: str, dtype=torch.float64):
-    reason = family_missing(family)
-    if reason:
-        pytest.skip(reason)
-    return tiny_case(family, dtype=dtype)
 
 
 def _stats(ratio: float) -> dict[int, SimpleNamespace]:
@@ -36,9 +29,9 @@ def _stats(ratio: float) -> dict[int, SimpleNamespace]:
 
 
 @pytest.mark.parametrize("family", EQUIVALENCE_FAMILIES)
-def test_all_four_transforms_compose_exactly(family):
+def test_all_four_transforms_compose_exactly(family, equivalence_case):
     """ln_to_rms → rotate → wrap → online Hadamard → RMS split on every block: logits unchanged."""
-    case = _case(family)
+    case = equivalence_case(family)
     before = copy.deepcopy(case.model)
     apply_transforms(case.model, *ALL_STEPS[:3])
     spec = get_adapter(case.model).validate(case.model)
@@ -90,8 +83,8 @@ def test_split_removes_the_mean_outlier():
     torch.testing.assert_close(y, lin(x), rtol=1e-12, atol=1e-12)
 
 
-def test_quantize_reports_outlier_ratios_before_and_after():
-    case = _case("qwen2_vl", dtype=torch.float32)
+def test_quantize_reports_outlier_ratios_before_and_after(equivalence_case):
+    case = equivalence_case("qwen2_vl", dtype=torch.float32)
     samples = [case.batch(1, seed=i) for i in range(2)]
     recipe = recipe_for("mquant", "w4a8").with_steps(*ALL_STEPS)
     report = quantize(case.model, recipe, samples)

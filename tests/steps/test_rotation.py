@@ -13,22 +13,15 @@ from mquant.models.registry import get_adapter
 from mquant.steps import rotate as rotation
 from mquant.steps.fold import mean_preserving_rotation, rotate_tensor
 from mquant.steps.structure import apply_structure
-from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent, family_missing
+from mquant.testing.equivalence import EQUIVALENCE_FAMILIES, apply_transforms, assert_logits_equivalent
 from mquant.testing.tiny import TEXT_FAMILIES, tiny_case
 
 
-def _case(family: str):
-    reason = family_missing(family)
-    if reason:
-        pytest.skip(reason)
-    return tiny_case(family, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("family", EQUIVALENCE_FAMILIES)
-def test_rotation_keeps_logits(family):
+def test_rotation_keeps_logits(family, equivalence_case):
     """`rotate` alone (LayerNorm towers then need the mean-preserving rotation) and after
     `ln_to_rms` (unified towers get the random-sign Hadamard) both leave the logits unchanged."""
-    case = _case(family)
+    case = equivalence_case(family)
     batch = case.batch(2, seed=5, text_only_row=True)
     alone, combined = copy.deepcopy(case.model), case.model
     info = apply_transforms(alone, "rotate")["rotate"]
@@ -50,8 +43,8 @@ def test_rotation_keeps_logits(family):
     assert rot["per_head"]["language"]["blocks"] == len(get_adapter(case.model).validate(case.model).language.blocks)
 
 
-def test_tied_embeddings_are_untied():
-    case = _case("llava_dinov2")
+def test_tied_embeddings_are_untied(equivalence_case):
+    case = equivalence_case("llava_dinov2")
     model = case.model
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     info = apply_transforms(model, "rotate")["rotate"]
@@ -60,11 +53,11 @@ def test_tied_embeddings_are_untied():
     assert model.config.tie_word_embeddings is False and model.config.get_text_config().tie_word_embeddings is False
 
 
-def test_unsupported_size_is_skipped_not_fatal(monkeypatch):
+def test_unsupported_size_is_skipped_not_fatal(monkeypatch, equivalence_case):
     """A hidden size without a Hadamard matrix skips that tower (with the reason); the rest rotates."""
     real = rotation.hadamard_supported
     monkeypatch.setattr(rotation, "hadamard_supported", lambda n: n != 64 and real(n))
-    case = _case("qwen2_vl")
+    case = equivalence_case("qwen2_vl")
     before = copy.deepcopy(case.model)
     info = apply_transforms(case.model, "ln_to_rms", "rotate")["rotate"]
     assert info["language"]["rotated"] is False and "64" in info["language"]["reason"]
@@ -72,11 +65,11 @@ def test_unsupported_size_is_skipped_not_fatal(monkeypatch):
     assert_logits_equivalent(before, case.model, case.batch(2, seed=6))
 
 
-def test_structure_replay_rebuilds_the_module_tree():
+def test_structure_replay_rebuilds_the_module_tree(equivalence_case):
     """ln_to_rms + rotate on LLaVA (projected input norm, untouched LayerNorms) and Qwen2-VL
     (RMSNorm replacements): apply_structure on a fresh model gives the same tree and tensors load."""
     for family in ("llava", "qwen2_vl", "llava_dinov2"):
-        case = _case(family)
+        case = equivalence_case(family)
         apply_transforms(case.model, "ln_to_rms", "rotate")
         fresh = tiny_case(family, dtype=torch.float64, seed=7).model
         adapter = get_adapter(fresh)
