@@ -31,6 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fully static W8A8/W4A8 quantization of whole vision-language models (MQuant).")
 err = Console(stderr=True)
 
+RUNTIME_OPT = typer.Option("torch", help="torch (our runtime) | onnxruntime | openvino (MODEL is then an ONNX export directory)")
 MODEL_ARG = typer.Argument(None, help="Hub id, local model directory, or a directory written by `mquant quantize`; default: the offline default model")
 
 
@@ -93,11 +94,13 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
     batch_size: int = typer.Option(32),
     reference_path: bool = typer.Option(False, "--reference-path", help="Run a quantized model on the fake-quant reference path instead of the integer kernels"),
+    runtime: str = RUNTIME_OPT,
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (onnxruntime/openvino; default: the runtime's)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate a float or quantized model (quantized models run on the integer kernels)."""
     result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err,
-                      kernels=not reference_path)
+                      kernels=not reference_path, runtime=runtime, threads=threads)
     emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -135,10 +138,11 @@ def generate(
     image: Path = typer.Option(..., help="Image file"),
     prompt: str = typer.Option(..., help="Question or instruction"),
     max_new_tokens: int = typer.Option(32),
+    runtime: str = RUNTIME_OPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer PROMPT about IMAGE with a float or quantized model, streaming tokens."""
-    result = generate_answer(model, image, prompt, max_new_tokens, stream=not as_json)
+    result = generate_answer(model, image, prompt, max_new_tokens, stream=not as_json, runtime=runtime)
     if as_json:
         emit(result, True)
     else:
@@ -148,7 +152,7 @@ def generate(
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A directory written by `mquant quantize`"),
-    format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant"),
+    format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant | onnx (QDQ graphs for ONNX Runtime / OpenVINO)"),
     out: Path = typer.Option(..., help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -1,10 +1,12 @@
 """Exportable wrappers around a LLaVA-style model: the vision tower + projector, and the language
 model split as optimum does for decoders — a prefill graph (no past) and a decode graph (past K/V in,
-present K/V out). Both take `input_ids` and the 2-D `attention_mask` and compute position ids from
-the mask (cumsum − 1, as `generate` does for left padding); the prefill graph embeds the tokens and
-scatters the image features into the placeholder rows, so the host never needs the embedding table.
-Outputs: the last position's logits [batch, vocab] and the present cache, one tensor per layer and
-kind, [batch, kv_heads, total, head_dim].
+present K/V out). Position ids come from the 2-D padding mask (cumsum − 1, as `generate` computes
+them for left padding; right-padded rows of a multi-token step get theirs right too). The prefill
+graph embeds the tokens and scatters the image features into the placeholder rows, so the host never
+needs the embedding table; it returns the last position's logits [batch, vocab]. The decode graph
+takes one or more new tokens, their mask and the past mask separately (the total length is then a
+sum the exporter can keep dynamic) and returns logits for every new token [batch, seq, vocab].
+Both return the present cache, one tensor per layer and kind, [batch, kv_heads, total, head_dim].
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ class _Decoder(nn.Module):
         self.rows = rows
         self.image_token_id = image_token_id
 
-    def run(self, embeds, attention_mask, cache, visual):
+    def run(self, embeds, attention_mask, cache, visual, last_only: bool):
         seq = embeds.shape[1]
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -seq:]
         self.rows.visual = visual
         out = self.language(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True)
         self.rows.visual = None
-        logits = self.head(out.last_hidden_state[:, -1])
+        hidden = out.last_hidden_state
+        logits = self.head(hidden[:, -1] if last_only else hidden)
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]
@@ -57,12 +60,13 @@ class PrefillGraph(_Decoder):
         embeds = self.language.embed_tokens(input_ids)
         visual = input_ids == self.image_token_id
         embeds = embeds.masked_scatter(visual.unsqueeze(-1).expand_as(embeds), image_features.to(embeds.dtype))
-        return self.run(embeds, attention_mask, DynamicCache(config=self.language.config), visual)
+        return self.run(embeds, attention_mask, DynamicCache(config=self.language.config), visual, True)
 
 
 class DecodeGraph(_Decoder):
-    def forward(self, input_ids, attention_mask, *past):
+    def forward(self, input_ids, attention_mask, past_attention_mask, *past):
         cache = DynamicCache(config=self.language.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        return self.run(self.language.embed_tokens(input_ids), attention_mask, cache, None)
+        full_mask = torch.cat([past_attention_mask, attention_mask], dim=1)
+        return self.run(self.language.embed_tokens(input_ids), full_mask, cache, None, False)

@@ -108,8 +108,8 @@ def export_graphs(model: nn.Module, rows: RowModality, example: dict, out: Path)
     prefill, decode = PrefillGraph(model, rows, image_id).eval(), DecodeGraph(model, rows, image_id).eval()
     with torch.no_grad():
         present = prefill(example["input_ids"], example["attention_mask"], example["image_features"])[1:]
-    step_ids = example["input_ids"][:, -1:]
-    step_mask = torch.cat([example["attention_mask"], torch.ones_like(step_ids)], dim=1)
+    step_ids = example["input_ids"][:, -2:]
+    step_mask = torch.ones_like(step_ids)
     cache_dims = [{0: batch, 2: past}] * len(present)
     specs = {
         "vision": (VisionGraph(model).eval(), (example["pixel_values"],), ["pixel_values"], ["image_features"],
@@ -117,8 +117,10 @@ def export_graphs(model: nn.Module, rows: RowModality, example: dict, out: Path)
         "prefill": (prefill, (example["input_ids"], example["attention_mask"], example["image_features"]),
                     ["input_ids", "attention_mask", "image_features"], ["logits", *cache_names(n_layers, "present")],
                     ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: feats})),
-        "decode": (decode, (step_ids, step_mask, *present), ["input_ids", "attention_mask", *cache_names(n_layers, "past")],
-                   ["logits", *cache_names(n_layers, "present")], ({0: batch}, {0: batch, 1: past + 1}, tuple(cache_dims))),
+        "decode": (decode, (step_ids, step_mask, example["attention_mask"], *present),
+                   ["input_ids", "attention_mask", "past_attention_mask", *cache_names(n_layers, "past")],
+                   ["logits", *cache_names(n_layers, "present")],
+                   ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}, tuple(cache_dims))),
     }
     written = {}
     for name, (module, args, inputs, outputs, dims) in specs.items():
@@ -187,7 +189,8 @@ def feed_config(model: nn.Module, graphs: dict[str, dict]) -> dict[str, Any]:
             "prefill: input_ids int64 [batch, seq] with one image_token_id per image feature row, attention_mask int64 "
             "[batch, seq] (left padding), image_features from vision -> logits of the last position [batch, vocab] and "
             "present.{layer}.{key,value} [batch, kv_heads, seq, head_dim]",
-            "decode: input_ids [batch, 1], attention_mask [batch, past + 1] (the prefill mask with a 1 appended per step), "
-            "past.{layer}.{key,value} = the previous step's present -> logits and the grown present",
+            "decode: input_ids [batch, new] (one or more new tokens), attention_mask [batch, new] (1 = real token), "
+            "past_attention_mask [batch, past] (every mask so far), past.{layer}.{key,value} = the previous present "
+            "-> logits [batch, new, vocab] and the grown present",
         ],
     }

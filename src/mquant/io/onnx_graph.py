@@ -19,7 +19,6 @@ import types
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from mquant.core.actquant import ACT_QMAX, ACT_QMIN
 from mquant.core.hadamard import hadamard_decompose, hadamard_matrix
