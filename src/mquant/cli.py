@@ -18,9 +18,9 @@ from rich.console import Console
 
 from mquant.api import quantize_and_save
 from mquant.config import CalibConfig, recipe_for
-from mquant.errors import MQuantError
+from mquant.errors import InputError, MQuantError
 from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
-from mquant.eval.bench import VARIANTS, bench_model, bench_text
+from mquant.eval.bench import VARIANTS, bench_model, bench_runtime, bench_text
 from mquant.eval.generation_io import generate_answer
 from mquant.eval.harness import run_eval
 from mquant.eval.inspect import model_info
@@ -171,9 +171,16 @@ def bench(
     backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch | triton (default: fastest for the device)"),
     device: str = typer.Option("cpu", help="cpu, or cuda[:N]: quantized layers then run on the Triton kernels"),
     variants: str = typer.Option(",".join(VARIANTS)),
+    runtime: str = typer.Option("torch", help="torch | onnxruntime | openvino: MODEL is then an ONNX export, timed against PyTorch bf16"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
+    if runtime != "torch":
+        if model is None:
+            raise InputError(f"--runtime {runtime} times an ONNX export: pass its directory as MODEL")
+        result = bench_runtime(model, runtime, visual_tokens, text_tokens, new_tokens, repeats, log=_log)
+        emit(result, as_json, bench_text(result))
+        return
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log, device=device)
     emit(result, as_json, bench_text(result))

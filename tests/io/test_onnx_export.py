@@ -10,11 +10,13 @@ default bf16 for the float parts (attention, norms, the float lm_head): 5e-2 (me
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from mquant.api import quantize
+from mquant.api import quantize, save_quantized
 from mquant.config import recipe_for
 from mquant.core.swap import quant_linears
 from mquant.errors import ConfigError
@@ -106,3 +108,22 @@ def test_schemes_the_runtimes_cannot_run_fail_with_one_line(exported, tmp_path):
     assert "\n" not in str(info.value) and not (tmp_path / "dyn").exists()
     with pytest.raises(ConfigError, match="openvino cannot run scheme 'w4a8-static'"):
         check_scheme("openvino", {"scheme": "w4a8-static"})
+
+
+def test_cli_exports_a_saved_directory_and_rejects_a_dynamic_one(tmp_path):
+    case = tiny_case("llava")
+    static, dynamic = copy.deepcopy(case.model), copy.deepcopy(case.model)
+    quantize(static, recipe_for("mquant", "w8a8"), [case.batch(batch_size=1, seed=0)])
+    quantize(dynamic, recipe_for("rtn", "w8a8", "dynamic"), [case.batch(batch_size=1, seed=0)])
+    save_quantized(static, tmp_path / "static")
+    save_quantized(dynamic, tmp_path / "dynamic")
+    cli = [sys.executable, "-c", "from mquant.cli import main; main()", "export"]
+    ok = subprocess.run([*cli, str(tmp_path / "static"), "--format", "onnx", "--out", str(tmp_path / "onnx"), "--json"],
+                        capture_output=True, text=True, timeout=900)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["format"] == "onnx"
+    assert RuntimeVLM(tmp_path / "onnx", "onnxruntime").config["scheme"] == "w8a8-static"
+    bad = subprocess.run([*cli, str(tmp_path / "dynamic"), "--format", "onnx", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ONNX export supports W8A8 static")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -30,7 +30,7 @@ from mquant.kernels.attach import attach_kernels
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # What each runtime executes on its integer kernels (checked by tests/eval/test_cpu_runtimes.py).
-RUNTIME_SCHEMES = {"onnxruntime": ("w8a8-static",), "openvino": ("w8a8-static",)}
+RUNTIME_SCHEMES = {"onnxruntime": ("w8a8-static", "float"), "openvino": ("w8a8-static", "float")}
 _INSTALL = 'pip install -e ".[cpu-runtimes]"'
 
 
@@ -166,8 +166,10 @@ class RuntimeVLM:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                 max_new_tokens: int = 16, pad_token_id: int | None = None, streamer: Any = None, **_greedy) -> torch.Tensor:
-        """Greedy decoding (what `generate_texts` asks for), rows that hit EOS padded with pad_token_id."""
+                 max_new_tokens: int = 16, pad_token_id: int | None = None, streamer: Any = None,
+                 min_new_tokens: int = 0, **_greedy) -> torch.Tensor:
+        """Greedy decoding (what `generate_texts` asks for), rows that hit EOS padded with pad_token_id;
+        `min_new_tokens` ignores EOS before that many tokens (fixed-length timing in `mquant bench`)."""
         eos = self.config["eos_token_id"]
         eos = set(eos if isinstance(eos, list) else [eos])
         pad = pad_token_id if pad_token_id is not None else self.config["pad_token_id"] or 0
@@ -178,7 +180,8 @@ class RuntimeVLM:
             generated.append(tokens)
             if streamer is not None:
                 streamer.put(tokens[:1].clone())
-            done |= torch.tensor([int(t) in eos for t in tokens])
+            if step + 1 >= min_new_tokens:
+                done |= torch.tensor([int(t) in eos for t in tokens])
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             out = self(input_ids=tokens[:, None], attention_mask=torch.ones_like(tokens[:, None]), past_key_values=out.past_key_values)

@@ -39,29 +39,33 @@ OPSET = 18
 _FAMILIES = ("llava",)
 
 
-def export_onnx(model_dir_or_model: str | Path | nn.Module, out_dir: str | Path, processor: Any = None) -> Path:
+def export_onnx(model_dir_or_model: str | Path | nn.Module, out_dir: str | Path, processor: Any = None,
+                allow_float: bool = False) -> Path:
     """Write the ONNX export of a directory saved by `mquant quantize` (or an in-memory quantized
-    model, left unchanged) to `out_dir`, atomically."""
+    model, left unchanged) to `out_dir`, atomically. `allow_float`: a float model exports as the same
+    three float graphs (what the runtimes' own quantizers start from in benchmarks/cpu_runtimes.py)."""
     if isinstance(model_dir_or_model, nn.Module):
         source = model_dir_or_model
     else:
         source = load_quantized(model_dir_or_model)
         processor = processor if processor is not None else load_saved_processor(model_dir_or_model)
-    model, rows = exportable_copy(source)
+    model, rows, scheme = exportable_copy(source, allow_float)
     example = example_inputs(model)
     with atomic_directory(out_dir) as tmp:
         graphs = export_graphs(model, rows, example, tmp)
         saved = save_processor(processor, tmp) if processor is not None else {"processor": None}
-        config = feed_config(model, graphs) | saved
+        config = feed_config(model, graphs, scheme) | saved
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
 
-def exportable_copy(model: nn.Module) -> tuple[nn.Module, RowModality]:
+def exportable_copy(model: nn.Module, allow_float: bool = False) -> tuple[nn.Module, RowModality, str]:
     family = getattr(model.config, "model_type", None)
     if family not in _FAMILIES:
         raise ConfigError(f"ONNX export supports the {', '.join(_FAMILIES)} family (the default model); got '{family}'")
     layers = quant_linears(model)
+    if not layers and allow_float:
+        return copy.deepcopy(model).float().eval(), RowModality(), "float"
     if not layers or not all(layer.quantized for layer in layers.values()):
         raise ConfigError("the model is not quantized; run `mquant quantize` before exporting")
     for name, layer in layers.items():
@@ -73,7 +77,7 @@ def exportable_copy(model: nn.Module) -> tuple[nn.Module, RowModality]:
     rows, hadamard = RowModality(), {}
     for layer in quant_linears(copied).values():
         qdq_linear(layer, rows if layer.modality == "language" else None, hadamard)
-    return copied, rows
+    return copied, rows, "w8a8-static"
 
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -174,12 +178,12 @@ def _duplicate_per_consumer(graph, op_type: str) -> None:
     graph.node.extend(new_nodes)
 
 
-def feed_config(model: nn.Module, graphs: dict[str, dict]) -> dict[str, Any]:
+def feed_config(model: nn.Module, graphs: dict[str, dict], scheme: str) -> dict[str, Any]:
     text = model.config.text_config
     heads = text.num_attention_heads
     return {
         "format": "mquant-onnx", "version": FORMAT_VERSION, "opset": OPSET, "family": model.config.model_type,
-        "scheme": "w8a8-static", "graphs": graphs,
+        "scheme": scheme, "graphs": graphs,
         "image_token_id": model.config.image_token_index, "vocab_size": text.vocab_size,
         "num_layers": text.num_hidden_layers, "num_kv_heads": getattr(text, "num_key_value_heads", heads),
         "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
