@@ -103,11 +103,30 @@ def test_schemes_the_runtimes_cannot_run_fail_with_one_line(exported, tmp_path):
     case, _, _ = exported
     model = copy.deepcopy(case.model)
     quantize(model, recipe_for("rtn", "w8a8", "dynamic"), [case.batch(batch_size=1, seed=0)])
-    with pytest.raises(ConfigError, match="W8A8 static") as info:
+    with pytest.raises(ConfigError, match="W8A8 / W4A8 static") as info:
         export_onnx(model, tmp_path / "dyn")
     assert "\n" not in str(info.value) and not (tmp_path / "dyn").exists()
-    with pytest.raises(ConfigError, match="openvino cannot run scheme 'w4a8-static'"):
-        check_scheme("openvino", {"scheme": "w4a8-static"})
+    with pytest.raises(ConfigError, match="openvino cannot run scheme 'w4a8-static-g128'"):
+        check_scheme("openvino", {"scheme": "w4a8-static-g128"})
+    grouped = copy.deepcopy(case.model)
+    quantize(grouped, recipe_for("rtn", "w4a8", group_size=16), [case.batch(batch_size=1, seed=0)])
+    with pytest.raises(ConfigError, match="per-channel weights"):
+        export_onnx(grouped, tmp_path / "grouped")
+
+
+def test_w4a8_exports_exactly_on_the_int8_kernels(tmp_path):
+    """4-bit codes in int8 tensors: ORT gives our W4A8 logits (same maths) on its int8 GEMMs."""
+    case = tiny_case("llava_dinov2")
+    model = copy.deepcopy(case.model)
+    quantize(model, recipe_for("mquant", "w4a8"), [case.batch(batch_size=1, seed=0)])
+    out = export_onnx(model, tmp_path / "w4a8")
+    batch = case.batch(batch_size=2, seed=5, padding=True)
+    last, new, mask, step = _two_steps(model, batch)
+    runner = RuntimeVLM(out, "onnxruntime")
+    assert runner.config["scheme"] == "w4a8-static"
+    first = runner(**batch)
+    assert float((first.logits[:, -1] - last).abs().max()) <= 2e-4 * float(last.abs().max())
+    assert kernel_census(out, "onnxruntime")["prefill"]["dequantize_fallback"] == 0
 
 
 def test_cli_exports_a_saved_directory_and_rejects_a_dynamic_one(tmp_path):
@@ -125,5 +144,5 @@ def test_cli_exports_a_saved_directory_and_rejects_a_dynamic_one(tmp_path):
     assert RuntimeVLM(tmp_path / "onnx", "onnxruntime").config["scheme"] == "w8a8-static"
     bad = subprocess.run([*cli, str(tmp_path / "dynamic"), "--format", "onnx", "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=900)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ONNX export supports W8A8 static")
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ONNX export supports W8A8 / W4A8 static")
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -30,7 +30,8 @@ from mquant.kernels.attach import attach_kernels
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # What each runtime executes on its integer kernels (checked by tests/eval/test_cpu_runtimes.py).
-RUNTIME_SCHEMES = {"onnxruntime": ("w8a8-static", "float"), "openvino": ("w8a8-static", "float")}
+# w4a8-static: 4-bit codes in int8 tensors, on the same int8 GEMMs (exact; no 4-bit memory saving).
+RUNTIME_SCHEMES = {"onnxruntime": ("w8a8-static", "w4a8-static", "float"), "openvino": ("w8a8-static", "w4a8-static", "float")}
 _INSTALL = 'pip install -e ".[cpu-runtimes]"'
 
 

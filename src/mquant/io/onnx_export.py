@@ -77,7 +77,8 @@ def exportable_copy(model: nn.Module, allow_float: bool = False) -> tuple[nn.Mod
     rows, hadamard = RowModality(), {}
     for layer in quant_linears(copied).values():
         qdq_linear(layer, rows if layer.modality == "language" else None, hadamard)
-    return copied, rows, "w8a8-static"
+    bits = max(layer.weight_bits for layer in layers.values() if layer.modality == "language")
+    return copied, rows, f"w{bits}a8-static"
 
 
 def example_inputs(model: nn.Module) -> dict[str, torch.Tensor]:

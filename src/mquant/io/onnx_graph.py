@@ -80,10 +80,12 @@ def export_scheme(layer: QuantLinear) -> str:
 
 
 def check_exportable(name: str, layer: QuantLinear) -> None:
+    """W8A8 and W4A8 static with per-channel weight scales. 4-bit codes travel in int8 tensors: the
+    runtimes then run them on the same int8 GEMMs, exactly (a 4-bit code is an 8-bit code)."""
     scheme = export_scheme(layer)
-    if layer.act_bits is None or layer.act_dynamic or layer.weight_bits != 8 or layer.w_scale.shape[-1] != 1:
-        raise ConfigError(f"ONNX export supports W8A8 static (per-channel int8 weights, static int8 activations); "
-                          f"layer {name} is {scheme}: quantize with --scheme w8a8 --act static")
+    if layer.act_bits is None or layer.act_dynamic or layer.weight_bits not in (4, 8) or layer.w_scale.shape[-1] != 1:
+        raise ConfigError(f"ONNX export supports W8A8 / W4A8 static (per-channel weights, static int8 activations); "
+                          f"layer {name} is {scheme}: quantize with --scheme w8a8 --act static (no --group-size)")
     if layer.rms_split and bool((layer.qweight[:, 0] != 0).any()):
         raise ConfigError(f"layer {name}: RMS split with a non-zero weight column 0 cannot be exported; re-quantize it")
 
