@@ -146,3 +146,13 @@ def test_cli_exports_a_saved_directory_and_rejects_a_dynamic_one(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ONNX export supports W8A8 / W4A8 static")
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_runtime_generate_gives_our_greedy_tokens(exported):
+    """RuntimeVLM.generate (what `mquant generate --runtime` and the local benchmarks call)."""
+    case, model, out = exported
+    batch = case.batch(batch_size=2, seed=4, padding=True)
+    with torch.no_grad():
+        ours = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    theirs = RuntimeVLM(out, "onnxruntime").generate(**batch, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    assert torch.equal(theirs, ours)
