@@ -194,10 +194,10 @@ def main() -> None:
             "ortq": work / "ortq"}
     if not (dirs["mquant"] / CONFIG_NAME).exists():
         log("exporting MQuant W8A8 to ONNX"), export_onnx(args.mquant_dir, dirs["mquant"])
-    if not (dirs["float"] / CONFIG_NAME).exists():
-        log("exporting the float model to ONNX"), export_onnx(loaded.model, dirs["float"], processor, allow_float=True)
     peers = [p for p in ("nncf", "nncf-nosq", "ortq") if p.split("-")[0] not in skip]
     failed: dict[str, str] = {}
+    if peers and not (dirs["float"] / CONFIG_NAME).exists():
+        log("exporting the float model to ONNX"), export_onnx(loaded.model, dirs["float"], processor, allow_float=True)
     if any(not (dirs[p] / CONFIG_NAME).exists() for p in peers):
         samples = build_calibration_inputs(CalibConfig(n_samples=16), processor, loaded.model)
         feeds = calibration_feeds(dirs["float"], samples)
