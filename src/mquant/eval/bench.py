@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import psutil
@@ -27,6 +28,7 @@ from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
 from mquant.demo.processor import IMAGE_TOKEN, NUM_IMAGE_TOKENS
 from mquant.errors import ConfigError
+from mquant.eval.cpu_runtimes import RUNTIMES, RuntimeVLM, read_export_config
 from mquant.io.loading import load_float_model
 from mquant.kernels.attach import attach_kernels, kernel_weight_bytes
 
@@ -196,6 +198,33 @@ def bench_model(model_source: str | None = None, variants: Sequence[str] = VARIA
     result.update({"visual_tokens": int((batch["input_ids"] == loaded.model.config.image_token_index).sum()),
                    "prompt_tokens": int(batch["input_ids"].shape[1]), "model": loaded.source})
     return result
+
+
+def bench_runtime(export_dir: str, runtime: str, visual_tokens: int = 256, text_tokens: int = 32, new_tokens: int = 16,
+                  repeats: int = 5, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`mquant bench EXPORT --runtime onnxruntime|openvino`: the exported graphs in that runtime next to
+    the float default model in PyTorch bf16, same prompt, same process, same thread count."""
+    if runtime not in RUNTIMES[1:]:
+        raise ConfigError(f"--runtime {runtime}: bench compares an ONNX export run by {' or '.join(RUNTIMES[1:])}")
+    config = read_export_config(export_dir)
+    loaded = load_float_model(None)
+    batch = default_model_bench_inputs(loaded.processor, visual_tokens, text_tokens)
+    rows = []
+    for name in ("bf16", runtime):
+        if name == "bf16":
+            model, weight = prepare_variant("bf16", loaded.model, [], None)
+        else:
+            model = RuntimeVLM(export_dir, runtime, threads=torch.get_num_threads())
+            weight = sum((Path(export_dir) / config["graphs"][g]["file"]).stat().st_size for g in ("vision", "prefill"))
+        prefill, decode, added = measure(model, batch, new_tokens, repeats)
+        rows.append(BenchRow(name if name == "bf16" else f"{runtime}-{config['scheme']}", prefill * 1e3, decode, weight,
+                             weight + added, "torch" if name == "bf16" else runtime))
+        log(f"{rows[-1].variant:24s} prefill {prefill * 1e3:8.1f} ms  decode {decode:7.1f} tok/s")
+    base, test = rows
+    ratios = {f"prefill_speedup_{test.variant}_vs_bf16": base.prefill_ms / test.prefill_ms,
+              f"decode_speedup_{test.variant}_vs_bf16": test.decode_tokens_per_s / base.decode_tokens_per_s}
+    return {"rows": [r.to_dict() for r in rows], "ratios": ratios, "threads": torch.get_num_threads(), "device": "cpu",
+            "prompt_tokens": int(batch["input_ids"].shape[1]), "model": str(export_dir), "runtime": runtime}
 
 
 def bench_text(result: dict[str, Any]) -> str:

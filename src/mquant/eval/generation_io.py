@@ -8,9 +8,9 @@ from typing import Any
 from transformers import TextStreamer
 
 from mquant.errors import InputError
+from mquant.eval.cpu_runtimes import load_for_runtime
 from mquant.eval.generation import generate_texts
-from mquant.io.loading import LoadedModel, load_any
-from mquant.kernels.attach import attach_kernels
+from mquant.io.loading import LoadedModel
 
 
 def _context_length(model: Any) -> int | None:
@@ -36,14 +36,12 @@ def text_streamer(processor: Any):
 
 
 def generate_answer(model_source: str | None, image: str | Path, prompt: str, max_new_tokens: int = 32,
-                    stream: bool = False) -> dict[str, Any]:
-    """Answer PROMPT about IMAGE with a float or quantized model (quantized: on the integer kernels).
-    With `stream`, tokens are printed to stdout as they are generated."""
-    loaded = load_any(model_source)
-    if loaded.quantized:
-        attach_kernels(loaded.model)
+                    stream: bool = False, runtime: str = "torch") -> dict[str, Any]:
+    """Answer PROMPT about IMAGE with a float or quantized model (quantized: on the integer kernels),
+    or an ONNX export in `runtime`. With `stream`, tokens are printed to stdout as they are generated."""
+    loaded = load_for_runtime(model_source, runtime)
     check_prompt_fits(loaded, prompt, max_new_tokens)
     streamer = text_streamer(loaded.processor) if stream else None
     answer = generate_texts(loaded.model, loaded.processor, [str(image)], [prompt], max_new_tokens=max_new_tokens,
                             batch_size=1, streamer=streamer)[0]
-    return {"answer": answer, "model": loaded.source, "quantized": loaded.quantized}
+    return {"answer": answer, "model": loaded.source, "quantized": loaded.quantized, "runtime": runtime}

@@ -13,6 +13,7 @@ import torch
 from mquant.demo.easyvqa import load_split
 from mquant.errors import InputError
 from mquant.eval import benchmarks_local as bl
+from mquant.eval.cpu_runtimes import load_for_runtime
 from mquant.eval.easyvqa import easyvqa_accuracy_of
 from mquant.eval.fidelity import next_token_fidelity
 from mquant.eval.generation import generate_texts
@@ -26,7 +27,7 @@ FIDELITY_DEFAULT_N = 256
 
 
 def _calibration_note(loaded: LoadedModel) -> Any:
-    if not loaded.quantized:
+    if not loaded.quantized or not (Path(loaded.source) / "mquant_config.json").is_file():
         return None
     meta = json.loads((Path(loaded.source) / "mquant_config.json").read_text())
     return meta.get("calibration")
@@ -82,14 +83,18 @@ def local_benchmark(loaded: LoadedModel, task: str, data: Path | None, limit: in
 
 
 def run_eval(model_source: str | None, task: str, *, limit: int | None = None, data: Path | None = None,
-             reference: str | None = None, batch_size: int = 32, progress=None, kernels: bool = True) -> dict[str, Any]:
+             reference: str | None = None, batch_size: int = 32, progress=None, kernels: bool = True,
+             runtime: str = "torch", threads: int | None = None) -> dict[str, Any]:
     if task not in TASKS:
         raise InputError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
-    loaded = load_any(model_source)
-    if loaded.quantized and kernels:  # score the model as it is served: on the integer kernels
-        attach_kernels(loaded.model)
+    if runtime != "torch":  # an ONNX export in ONNX Runtime / OpenVINO
+        loaded = load_for_runtime(model_source, runtime, threads)
+    else:
+        loaded = load_any(model_source)
+        if loaded.quantized and kernels:  # score the model as it is served: on the integer kernels
+            attach_kernels(loaded.model)
     start = time.perf_counter()
     if task == "easy-vqa":
         result = easyvqa_accuracy(loaded, limit, batch_size, progress)
@@ -99,5 +104,6 @@ def run_eval(model_source: str | None, task: str, *, limit: int | None = None, d
         result = language_perplexity(loaded, limit)
     else:
         result = local_benchmark(loaded, task, data, limit, batch_size)
-    return {"task": task, "model": loaded.source, "quantized": loaded.quantized, "kernels": loaded.quantized and kernels,
+    return {"task": task, "model": loaded.source, "runtime": runtime, "quantized": loaded.quantized,
+            "kernels": loaded.quantized and (kernels or runtime != "torch"),
             "calibration": _calibration_note(loaded), **result, "seconds": time.perf_counter() - start}

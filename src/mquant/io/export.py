@@ -1,4 +1,5 @@
-"""Writing quantized models: mquant's own format (native) and compressed-tensors (vLLM)."""
+"""Writing quantized models: mquant's own format (native), compressed-tensors (vLLM) and ONNX QDQ
+(ONNX Runtime, OpenVINO)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from mquant.errors import ConfigError
 from mquant.io.compressed import export_compressed_tensors
 from mquant.io.loader import load_quantized
 from mquant.io.native import read_meta, save_quantized
+from mquant.io.onnx_export import export_onnx
 from mquant.io.processors import load_saved_processor
 
-FORMATS = ("compressed-tensors", "mquant")
+FORMATS = ("compressed-tensors", "mquant", "onnx")
 
 
 def export_model(model_dir: str | Path, format: str, out: str | Path) -> Path:
     """Re-write a directory saved by `mquant quantize` in `format`, atomically, to `out`."""
     if format == "compressed-tensors":
         return export_compressed_tensors(model_dir, out)
+    if format == "onnx":
+        return export_onnx(model_dir, out)
     if format == "mquant":
         model = load_quantized(model_dir)
         extra = {"calibration": read_meta(model_dir).get("calibration")}

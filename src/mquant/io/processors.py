@@ -59,8 +59,9 @@ def _portable_tokenizer_class(path: Path) -> None:
             path.write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False) + "\n")
 
 
-def load_saved_processor(model_dir: str | Path) -> Any:
-    meta = json.loads((Path(model_dir) / "mquant_config.json").read_text())
+def load_saved_processor(model_dir: str | Path, config_name: str = "mquant_config.json") -> Any:
+    """The processor saved by `save_processor` next to a model (`config_name` holds its kind)."""
+    meta = json.loads((Path(model_dir) / config_name).read_text())
     kind = meta.get("processor")
     if kind == "default":
         # lazy: transformers' auto classes take seconds to import
