@@ -154,9 +154,9 @@ def _throughput(llm, requests: list[dict], rounds: int = 3) -> dict:
 
 
 # vLLM 0.32's own CPU int8 kernel for compressed-tensors W8A8 (int8_scaled_mm_with_quant) takes
-# bf16/fp16 activations only, and bf16 dies with SIGILL on a CPU without AVX-512 BF16 (this one);
-# in float32 its Qwen2-VL vision blocks also feed it 3-D inputs it refuses. vLLM limitations of this
-# CPU, not properties of the export (the same exports matched on the previous session's CPU).
+# bf16/fp16 activations only in this build, and bf16 dies with SIGILL on this VM (cpuinfo lists
+# amx_bf16, apparently not enabled); its Qwen2-VL vision blocks also feed it 3-D inputs it refuses.
+# vLLM/VM limitations, not properties of the export (the same exports matched on an earlier VM).
 BF16_LOGPROB_BOUND = 0.1
 KNOWN_VLLM_FAILURES = {"qwen2_vl-w8a8-ct": ("mat1 must be a 2D tensor", "expect A to be bfloat16"),
                        "llava-w8a8-ct": ("expect A to be bfloat16",)}

@@ -42,8 +42,8 @@ export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 : > "$OUT/results.jsonl"
 for case in "$OUT"/*/; do
   case="${case%/}"
-  # float32 everywhere: on this CPU (AVX-512 VNNI, no AVX-512 BF16/AMX) vllm-cpu's bf16 kernels die
-  # with SIGILL (worker exit code -4), so SMOKE_DTYPE=bfloat16 is for CPUs that have them.
+  # float32 everywhere: on this VM vllm-cpu's bf16 kernels die with SIGILL (worker exit code -4;
+  # cpuinfo lists amx_bf16/avx512_bf16, apparently not usable here), so SMOKE_DTYPE=bfloat16 is for other machines.
   dtype="${SMOKE_DTYPE:-float32}"
   if "$VPY" "$ROOT/scripts/vllm_smoke.py" serve "$case" "$dtype" > "$case/serve.log" 2>&1; then
     grep '^RESULT ' "$case/serve.log" | sed 's/^RESULT //' >> "$OUT/results.jsonl"
