@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "calib": 4,
     "io": 5,
     "api": 6, "__init__": 6,
-    "eval": 7, "testing": 7,
+    "eval": 7, "testing": 7, "serving": 7,
     "cli": 8,
 }
 

@@ -34,7 +34,8 @@ from mquant.io.loader import load_quantized
 from mquant.io.native import float_dtype
 from mquant.io.processors import load_saved_processor, save_processor
 
-_USE_MQUANT = "export with --format mquant instead"
+# Our own format serves in vLLM through the `mquant` plugin (mquant.serving.vllm), which runs all of it.
+_USE_MQUANT = "use the quantized directory itself (--format mquant), which vLLM serves with the mquant plugin (README: Serve with vLLM)"
 
 
 def export_compressed_tensors(model_dir_or_model: str | Path | nn.Module, out_dir: str | Path, processor: Any = None) -> Path:

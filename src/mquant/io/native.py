@@ -1,7 +1,8 @@
 """mquant's own checkpoint format: safetensors + one JSON config with a format version.
 
 Layout of a saved directory:
-  config.json          the transformers model config (architecture to rebuild)
+  config.json          the transformers model config (architecture to rebuild), plus a small
+                       `quantization_config` with quant_method "mquant" for vLLM (io/serving_config.py)
   mquant_config.json   format + version, recipe, calibration provenance, per-layer quantization
                        metadata (bits, act mode, online Hadamard, RMS split), structural transforms,
                        the float dtype and attention implementation the model ran with
@@ -31,6 +32,7 @@ from mquant.core.swap import quant_linears
 from mquant.errors import CheckpointError
 from mquant.io.atomic import atomic_directory
 from mquant.io.processors import save_processor
+from mquant.io.serving_config import is_serving_entry, serving_entry, write_serving_entry
 from mquant.io.validate import check_layer_tensors, validate_meta
 from mquant.quantizers.quantizer import pack_int4, unpack_int4
 
@@ -113,6 +115,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, processor: Any = None,
     }
     with atomic_directory(out_dir) as tmp:
         model.config.save_pretrained(tmp)
+        write_serving_entry(tmp, serving_entry(model, FORMAT_VERSION, CONFIG_NAME), type(model).__name__)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "mquant"})
         if processor is not None:
             meta.update(save_processor(processor, tmp))
@@ -157,6 +160,8 @@ def read_config(model_dir: str | Path, meta: dict[str, Any]) -> Any:
         config = AutoConfig.from_pretrained(str(model_dir))
     except Exception as exc:  # noqa: BLE001 - config classes validate with many exception types (strict dataclasses…)
         raise CheckpointError(f"{path} is invalid ({_first_line(exc)}); restore it or {_REQUANTIZE}") from exc
+    if is_serving_entry(getattr(config, "quantization_config", None)):
+        del config.quantization_config  # for serving engines (io/serving_config.py); transformers must not see a quantizer
     if meta.get("attn_implementation"):
         config._attn_implementation = dict(meta["attn_implementation"])
     return config
