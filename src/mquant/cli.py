@@ -21,6 +21,7 @@ from mquant.config import CalibConfig, recipe_for
 from mquant.errors import InputError, MQuantError
 from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
 from mquant.eval.bench import VARIANTS, bench_model, bench_runtime, bench_text
+from mquant.eval.bench_shaped import SHAPED_MODELS, SHAPED_VARIANTS, bench_shaped, shaped_text
 from mquant.eval.generation_io import generate_answer
 from mquant.eval.harness import run_eval
 from mquant.eval.inspect import model_info
@@ -170,19 +171,27 @@ def bench(
     repeats: int = typer.Option(5, help="Timed repetitions (median reported)"),
     backend: Optional[str] = typer.Option(None, help="Kernel backend: native | onednn | int_mm | torch | triton (default: fastest for the device)"),
     device: str = typer.Option("cpu", help="cpu, or cuda[:N]: quantized layers then run on the Triton kernels"),
-    variants: str = typer.Option(",".join(VARIANTS)),
+    variants: Optional[str] = typer.Option(None, help=f"Default: {','.join(VARIANTS)} ({','.join(SHAPED_VARIANTS)} for a shaped model)"),
+    rounds: int = typer.Option(5, help="Shaped models: interleaved timed rounds (after one warm-up round)"),
+    budget_s: Optional[float] = typer.Option(None, help="Shaped models: stop before a round that would pass this many seconds"),
     runtime: str = typer.Option("torch", help="torch | onnxruntime | openvino: MODEL is then an ONNX export, timed against PyTorch bf16"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process."""
+    """Prefill latency, decode tokens/s, weight and peak memory: float vs dynamic vs static, one process.
+    MODEL 'qwen2-vl-2b-shaped': a random-weight model of the real size, variants interleaved round-robin."""
     if runtime != "torch":
         if model is None:
             raise InputError(f"--runtime {runtime} times an ONNX export: pass its directory as MODEL")
         result = bench_runtime(model, runtime, visual_tokens, text_tokens, new_tokens, repeats, log=_log)
         emit(result, as_json, bench_text(result))
         return
-    chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    result = bench_model(model, chosen, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log, device=device)
+    chosen = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    if model in SHAPED_MODELS:
+        result = bench_shaped(model, chosen or SHAPED_VARIANTS, visual_tokens, text_tokens, new_tokens, rounds, backend, log=_log,
+                              budget_s=budget_s)
+        emit(result, as_json, shaped_text(result))
+        return
+    result = bench_model(model, chosen or VARIANTS, visual_tokens, text_tokens, new_tokens, repeats, backend, log=_log, device=device)
     emit(result, as_json, bench_text(result))
 
 

@@ -160,32 +160,36 @@ def gptq_quantize_weight(
     if group is not None:  # blocks aligned to groups so a group's current weights are in W1
         block_size = max(1, block_size // group) * group
     codes = torch.zeros_like(W)
-    losses = torch.zeros_like(W)
+    loss = 0.0
     order = perm.tolist()
+    channel_s, channel_z = (scale.reshape(-1), zero.reshape(-1).float()) if group is None else (None, None)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        # The block is walked transposed ([columns, out]): each column is one contiguous row, so
+        # the per-column ops touch contiguous memory (the same elementwise maths, bit for bit).
+        W1 = W[:, i1:i2].T.contiguous()
+        Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if group is None:  # tensor: 0-d; channel: [out, 1] -> [out]
-                s, z = scale.reshape(-1), zero.reshape(-1).float()
+                s, z = channel_s, channel_z
             else:
                 g = (order[col] if static_groups else col) // group
                 if not static_groups and col % group == 0:
-                    gs, gz = weight_qparams(W1[:, i : i + group], col_spec, observer)
+                    gs, gz = weight_qparams(W1[i : i + group].T.contiguous(), col_spec, observer)
                     scale[:, g], zero[:, g] = gs[:, 0], gz[:, 0]
                 s, z = scale[:, g], zero[:, g].float()
-            wcol = W1[:, i]
-            d = Hinv1[i, i]
+            wcol = W1[i]
             q, deq = _quant_column(wcol, s, z, spec)
-            codes[:, col] = q
-            losses[:, col] = (wcol - deq) ** 2 / d**2 / 2
-            err = (wcol - deq) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            Q1[i] = q
+            err = (wcol - deq) / Hinv1[i, i]
+            W1[i:] -= Hinv1[i, i:].unsqueeze(1) * err.unsqueeze(0)
+            Err1[i] = err
+        codes[:, i1:i2] = Q1.T
+        # (w - ŵ)² / (2·[H⁻¹]_jj²) = err² / 2: summed per block, no [out, in] loss matrix kept
+        loss += float(Err1.pow(2).sum()) / 2
+        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
 
     g_idx = None
     if act_order:
@@ -198,7 +202,7 @@ def gptq_quantize_weight(
         scale=scale,
         zero=zero,
         spec=spec,
-        loss=float(losses.sum()),
+        loss=loss,
         g_idx=g_idx,
     )
 

@@ -58,8 +58,16 @@ def digest_logits(model: nn.Module, batch: dict) -> str:
         return hashlib.sha256(model(**batch).logits.numpy().tobytes()).hexdigest()
 
 
-def _vmdata() -> int:
+def vmdata() -> int:
+    """This process's private data bytes (VmData: what RLIMIT_DATA counts)."""
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData:"))
+
+
+def cap_private_memory(budget: int) -> int:
+    """Cap RLIMIT_DATA at `budget` bytes above what this process holds now; returns that baseline."""
+    base = vmdata()
+    resource.setrlimit(resource.RLIMIT_DATA, (base + budget, base + budget))
+    return base
 
 
 def _run(mode: str, model_dir: Path, work: Path, budget: int, method: str, scheme: str) -> dict:
@@ -72,8 +80,7 @@ def _run(mode: str, model_dir: Path, work: Path, budget: int, method: str, schem
     recipe = recipe_for(method, scheme)
     # Opening offloaded maps nothing for good (the later reads are plain reads): done before the cap.
     model = load_offloaded(model_dir, offload_folder=work / "off", attn_implementation="eager") if mode == "offloaded" else None
-    base = _vmdata()
-    resource.setrlimit(resource.RLIMIT_DATA, (base + budget, base + budget))
+    base = cap_private_memory(budget)
     result: dict = {}
     try:
         if mode == "in-memory":
@@ -87,7 +94,7 @@ def _run(mode: str, model_dir: Path, work: Path, budget: int, method: str, schem
         result["ok"] = True
     except (MemoryError, RuntimeError) as exc:
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
-    result["peak_bytes"] = _vmdata() - base  # at the end: what the finished run still holds
+    result["peak_bytes"] = vmdata() - base  # at the end: what the finished run still holds
     return result
 
 
