@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mquant.api import quantize_and_save
 from mquant.config import CalibConfig, recipe_for
-from mquant.errors import MQuantError
+from mquant.errors import ConfigError, MQuantError
 from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
 from mquant.eval.bench import VARIANTS, bench_model, bench_text
 from mquant.eval.generation_io import generate_answer
@@ -87,8 +87,8 @@ def info(model: Optional[str] = MODEL_ARG, as_json: bool = typer.Option(False, "
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = MODEL_ARG,
-    task: str = typer.Option("easy-vqa", help="easy-vqa | fidelity | perplexity | textvqa | docvqa | ocrbench | mme"),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N questions"),
+    task: str = typer.Option("easy-vqa", help="easy-vqa | easy-vqa-ood | fidelity | perplexity | textvqa | docvqa | ocrbench | mme"),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N questions (easy-vqa-ood: N per subset, default 200)"),
     data: Optional[Path] = typer.Option(None, help="Local benchmark data (file or folder) for textvqa/docvqa/ocrbench/mme"),
     reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
     batch_size: int = typer.Option(32),
@@ -118,14 +118,22 @@ def ablate(
     scheme: str = typer.Option("w4a8", help="w8a8 | w4a8, or both comma-separated (one float reference for all)"),
     limit: Optional[int] = typer.Option(500, help="easy-VQA test questions to score (0: the full test split)"),
     n_calib: int = typer.Option(32),
-    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | table (baselines + MQuant) | all"),
+    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | table (baselines + MQuant) | all "
+                             "| calib (robust-calibration options) | ood (GPTQ dynamic, MQuant, MQuant robust)"),
+    only: Optional[str] = typer.Option(None, help="Comma-separated row names to keep (e.g. mquant,mquant-auto)"),
+    ood_limit: int = typer.Option(100, help="Questions per easy-vqa-ood subset (in-distribution, new wordings, new renderings, both); 0: skip"),
     save: Optional[Path] = typer.Option(None, help="Rewrite this JSON file after every variant"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
-    recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip())]
+    """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time; each also on easy-vqa-ood."""
+    recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip(), n_calib)]
+    if only:
+        keep = {name.strip() for name in only.split(",")}
+        recipes = [r for r in recipes if r[0] in keep]
+        if not recipes:
+            raise ConfigError(f"--only {only} names none of the --rows {rows} rows")
     results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model, log=_log,
-                           save_path=str(save) if save else None)
+                           save_path=str(save) if save else None, ood_limit=ood_limit)
     emit({"rows": [r.to_dict() for r in results], "scheme": scheme, "limit": limit}, as_json, markdown_table(results))
 
 
