@@ -59,12 +59,13 @@ def quantize(
     adapter = adapter or get_adapter(model)
     spec = adapter.validate(model)
     recipe, skipped = _fit_recipe(recipe, spec)
+    held_out = isinstance(calib, CalibConfig) and calib.n_validation > 0 and not spec.text_only
+    if recipe.observer == AUTO_OBSERVER and not (validation or held_out):
+        raise ConfigError("observer 'auto' chooses per layer on a validation split; pass --n-validation N (CalibConfig) or validation=")
     samples = _calibration_samples(calib, processor, model, spec.text_only)
-    if isinstance(calib, CalibConfig) and calib.n_validation and validation is None:
+    if held_out and validation is None:
         samples, validation = split_validation(samples, calib)
     validation = list(validation or [])
-    if recipe.observer == AUTO_OBSERVER and not validation:
-        raise ConfigError("observer 'auto' chooses per layer on a validation split; set CalibConfig(n_validation=N) or pass validation=")
     masks = val_masks = None  # a text-only model has no visual positions: every row is text
     if not spec.text_only:
         val_masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in validation]

@@ -61,16 +61,21 @@ def quantize(
     method: str = typer.Option("mquant", help="rtn | gptq | smoothquant | quarot | mquant"),
     act: Optional[str] = typer.Option(None, help="static | dynamic (default: static; dynamic for quarot)"),
     group_size: Optional[int] = typer.Option(None, help="Weight group size (default: per output channel)"),
-    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse"),
+    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse | auto (per layer, by validation error; needs --n-validation)"),
     calib: str = typer.Option("default", help="'default' (easy-VQA train), a folder of images, a .jsonl of image+prompt, or a datasets name"),
     n_calib: int = typer.Option(32, help="Number of calibration samples"),
     seed: int = typer.Option(0, help="Calibration sample seed"),
+    calib_prompts: str = typer.Option("train", help="train (the source's prompts) | diverse (re-worded, free-form instructions mixed in)"),
+    text_fraction: float = typer.Option(0.0, help="Share of calibration samples that are text-only chat turns"),
+    decode_tokens: int = typer.Option(0, help="Greedy tokens of the float model appended to each sample (decode steps calibrated)"),
+    n_validation: int = typer.Option(0, help="Held-out calibration samples: range overflow per layer in report.json, observer auto"),
     out: Path = typer.Option(Path("mquant-out"), help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:
     """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
     recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
-    calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed)
+    calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed, prompts=calib_prompts, text_fraction=text_fraction,
+                            decode_tokens=decode_tokens, n_validation=n_validation)
     report = quantize_and_save(model, recipe, calib_cfg, out, progress=_progress())
     payload = {"out": str(out), "method": method, "scheme": recipe.language.name, "vision_scheme": recipe.vision.name,
                "seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes, "summary": report.summary()}
