@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from mquant.api import quantize
-from mquant.calib.data import build_calibration_inputs
+from mquant.calib.data import build_calibration_inputs, split_validation
 from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
 from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
@@ -156,7 +156,8 @@ def run_variants(recipes: list[Row], limit: int | None, n_calib: int, model_sour
         samples, samples_seconds = built[calib]
         model = copy.deepcopy(loaded.model)
         start = time.perf_counter()
-        quantize(model, recipe, samples[: calib.n_samples])
+        calib_samples, held_out = split_validation(samples, calib)
+        quantize(model, recipe, calib_samples, validation=held_out or None)
         attach_kernels(model)  # scored as served: integer kernels (equal to the reference path up to float rounding)
         results.append(evaluator.score(name, recipe.language.name + ("-dyn" if recipe.language.act_dynamic else ""), model,
                                        time.perf_counter() - start))
