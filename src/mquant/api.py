@@ -14,13 +14,14 @@ from torch import nn
 
 from mquant.calib.capture import capture_inputs
 from mquant.calib.checkpoint import open_checkpoint
-from mquant.calib.data import build_calibration_inputs, build_text_calibration_inputs
+from mquant.calib.data import build_calibration_inputs, build_text_calibration_inputs, split_validation
 from mquant.calib.offload import OffloadSession
 from mquant.calib.report import QuantReport
 from mquant.calib.sequential import SequentialCalibrator
+from mquant.calib.stats import AUTO_OBSERVER
 from mquant.config import CalibConfig, Recipe, recipe_for
 from mquant.core.state import QuantState
-from mquant.errors import CalibrationError
+from mquant.errors import CalibrationError, ConfigError
 from mquant.io.loader import load_quantized as _load_quantized
 from mquant.io.loading import load_float_model
 from mquant.io.native import save_quantized as _save_quantized
@@ -40,6 +41,7 @@ def quantize(
     adapter: ModelAdapter | None = None,
     checkpoint_dir: str | Path | None = None,
     offload: OffloadSession | None = None,
+    validation: Sequence[dict] | None = None,
 ) -> QuantReport:
     """Quantize every linear layer of a VLM (vision tower, projector, language model), or of a
     text-only causal LM (the language half; MSQ/AIFS, which act on visual tokens, are skipped), in place.
@@ -50,14 +52,23 @@ def quantize(
     model, recipe and samples restores finished blocks instead of recalibrating them.
     `offload` (what `quantize_offloaded` passes) streams a disk-offloaded model: the steps' block
     hooks and the calibration load one block at a time (calib/offload.py).
+    `validation`: held-out samples (a CalibConfig's `n_validation` makes them), never observed; they
+    give report.json's range overflow per layer and observer "auto" its choice.
     """
     recipe = recipe or recipe_for("rtn", "w8a8")
     adapter = adapter or get_adapter(model)
     spec = adapter.validate(model)
     recipe, skipped = _fit_recipe(recipe, spec)
+    held_out = isinstance(calib, CalibConfig) and calib.n_validation > 0 and not spec.text_only
+    if recipe.observer == AUTO_OBSERVER and not (validation or held_out):
+        raise ConfigError("observer 'auto' chooses per layer on a validation split; pass --n-validation N (CalibConfig) or validation=")
     samples = _calibration_samples(calib, processor, model, spec.text_only)
-    masks = None  # a text-only model has no visual positions: every row is text
+    if held_out and validation is None:
+        samples, validation = split_validation(samples, calib)
+    validation = list(validation or [])
+    masks = val_masks = None  # a text-only model has no visual positions: every row is text
     if not spec.text_only:
+        val_masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in validation]
         masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
         if not any(bool(m.any()) for m in masks):
             raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
@@ -72,7 +83,7 @@ def quantize(
         spec, transform_info = prepare_model(model, adapter, spec, steps, state, blocks=offload is None)
         before_block = None if offload is None else offload.before_block
         calibrator = SequentialCalibrator(recipe, steps, state.ctx, progress, checkpoint=checkpoint, before_block=before_block)
-        _calibrate(model, spec, calibrator, samples, masks, recipe, progress)
+        _calibrate(model, spec, calibrator, (samples, masks), (validation, val_masks), recipe, progress)
         if offload is not None:
             spec = adapter.validate(model)  # the blocks were edited while they were calibrated
         state.recipe = recipe
@@ -103,21 +114,28 @@ def _fit_recipe(recipe: Recipe, spec) -> tuple[Recipe, dict]:
     return recipe, note if dropped else {}
 
 
-def _calibrate(model, spec, calibrator: SequentialCalibrator, samples, masks, recipe: Recipe, progress) -> None:
+def _calibrate(model, spec, calibrator: SequentialCalibrator, calib: tuple, validation: tuple, recipe: Recipe, progress) -> None:
     """Vision blocks, then the projector, then language blocks: each stage is calibrated on the
-    outputs of the already-quantized stages before it (a text-only model: language blocks only)."""
+    outputs of the already-quantized stages before it (a text-only model: language blocks only).
+    `calib` and `validation` are (samples, visual masks); validation samples only run."""
+    (samples, masks), (val_samples, val_masks) = calib, validation
     first_language = spec.language.blocks[0].module
+
+    def val(target):  # the validation split's inputs of `target`, or None without one
+        return (capture_inputs(model, target, val_samples), None) if val_samples else None
+
     if not spec.text_only:
         inputs = capture_inputs(model, spec.vision.blocks[0].module, samples)
-        calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision")
+        calibrator.run_blocks(list(spec.vision.blocks), inputs, recipe.vision, "vision", validation=val(spec.vision.blocks[0].module))
         # The projector runs inside the model's forward (for DeepStack, in several places): its runner
         # is a forward that stops at the first language block, so vision and projectors run, the LM not.
         calibrator.calibrate("projector-0000", spec.projector, lambda: capture_inputs(model, first_language, samples),
-                             recipe.vision, "projector")
+                             recipe.vision, "projector", lambda: capture_inputs(model, first_language, val_samples) if val_samples else None)
         if progress is not None:
             progress("projector", 1)
     inputs = capture_inputs(model, first_language, samples)
-    calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks)
+    language_val = (capture_inputs(model, first_language, val_samples), val_masks) if val_samples else None
+    calibrator.run_blocks(list(spec.language.blocks), inputs, recipe.language, "language", masks, language_val)
 
 
 def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: Any, model: nn.Module, text_only: bool) -> list[dict]:
@@ -137,7 +155,8 @@ def _calibration_samples(calib: CalibConfig | Sequence[dict] | None, processor: 
 
 def _describe_calibration(calib: Any, n: int) -> dict[str, Any]:
     if isinstance(calib, CalibConfig):
-        return {"source": calib.source, "n_samples": n, "seed": calib.seed}
+        return {"source": calib.source, "n_samples": n, "seed": calib.seed, "prompts": calib.prompts,
+                "text_fraction": calib.text_fraction, "decode_tokens": calib.decode_tokens, "n_validation": calib.n_validation}
     return {"source": "user-provided inputs", "n_samples": n}
 
 

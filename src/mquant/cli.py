@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mquant.api import quantize_and_save
 from mquant.config import CalibConfig, recipe_for
-from mquant.errors import InputError, MQuantError
+from mquant.errors import ConfigError, InputError, MQuantError
 from mquant.eval.ablation import markdown_table, recipes_for_rows, run_variants
 from mquant.eval.bench import VARIANTS, bench_model, bench_runtime, bench_text
 from mquant.eval.bench_shaped import SHAPED_MODELS, SHAPED_VARIANTS, bench_shaped, shaped_text
@@ -63,16 +63,21 @@ def quantize(
     method: str = typer.Option("mquant", help="rtn | gptq | smoothquant | quarot | mquant"),
     act: Optional[str] = typer.Option(None, help="static | dynamic (default: static; dynamic for quarot)"),
     group_size: Optional[int] = typer.Option(None, help="Weight group size (default: per output channel)"),
-    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse"),
+    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse | auto (per layer, by validation error; needs --n-validation)"),
     calib: str = typer.Option("default", help="'default' (easy-VQA train), a folder of images, a .jsonl of image+prompt, or a datasets name"),
     n_calib: int = typer.Option(32, help="Number of calibration samples"),
     seed: int = typer.Option(0, help="Calibration sample seed"),
+    calib_prompts: str = typer.Option("train", help="train (the source's prompts) | diverse (re-worded, free-form instructions mixed in)"),
+    text_fraction: float = typer.Option(0.0, help="Share of calibration samples that are text-only chat turns"),
+    decode_tokens: int = typer.Option(0, help="Greedy tokens of the float model appended to each sample (decode steps calibrated)"),
+    n_validation: int = typer.Option(0, help="Held-out calibration samples: range overflow per layer in report.json, observer auto"),
     out: Path = typer.Option(Path("mquant-out"), help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:
     """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
     recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
-    calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed)
+    calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed, prompts=calib_prompts, text_fraction=text_fraction,
+                            decode_tokens=decode_tokens, n_validation=n_validation)
     report = quantize_and_save(model, recipe, calib_cfg, out, progress=_progress())
     payload = {"out": str(out), "method": method, "scheme": recipe.language.name, "vision_scheme": recipe.vision.name,
                "seconds": report.seconds, "peak_memory_bytes": report.peak_memory_bytes, "summary": report.summary()}
@@ -89,8 +94,8 @@ def info(model: Optional[str] = MODEL_ARG, as_json: bool = typer.Option(False, "
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = MODEL_ARG,
-    task: str = typer.Option("easy-vqa", help="easy-vqa | fidelity | perplexity | textvqa | docvqa | ocrbench | mme"),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N questions"),
+    task: str = typer.Option("easy-vqa", help="easy-vqa | easy-vqa-ood | fidelity | perplexity | textvqa | docvqa | ocrbench | mme"),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N questions (easy-vqa-ood: N per subset, default 200)"),
     data: Optional[Path] = typer.Option(None, help="Local benchmark data (file or folder) for textvqa/docvqa/ocrbench/mme"),
     reference: Optional[str] = typer.Option(None, help="Float reference for fidelity (default: the float default model)"),
     batch_size: int = typer.Option(32),
@@ -122,14 +127,22 @@ def ablate(
     scheme: str = typer.Option("w4a8", help="w8a8 | w4a8, or both comma-separated (one float reference for all)"),
     limit: Optional[int] = typer.Option(500, help="easy-VQA test questions to score (0: the full test split)"),
     n_calib: int = typer.Option(32),
-    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | table (baselines + MQuant) | all"),
+    rows: str = typer.Option("ablation", help="ablation | baselines (RTN/GPTQ static+dynamic) | table (baselines + MQuant) | all "
+                             "| calib (robust-calibration options) | ood (GPTQ dynamic, MQuant, MQuant robust)"),
+    only: Optional[str] = typer.Option(None, help="Comma-separated row names to keep (e.g. mquant,mquant-auto)"),
+    ood_limit: int = typer.Option(100, help="Questions per easy-vqa-ood subset (in-distribution, new wordings, new renderings, both); 0: skip"),
     save: Optional[Path] = typer.Option(None, help="Rewrite this JSON file after every variant"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time."""
-    recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip())]
+    """Float, RTN, SmoothQuant, GPTQ, QuaRot, then MQuant one component at a time; each also on easy-vqa-ood."""
+    recipes = [r for one in scheme.split(",") for r in recipes_for_rows(rows, one.strip(), n_calib)]
+    if only:
+        keep = {name.strip() for name in only.split(",")}
+        recipes = [r for r in recipes if r[0] in keep]
+        if not recipes:
+            raise ConfigError(f"--only {only} names none of the --rows {rows} rows")
     results = run_variants(recipes, limit=limit or None, n_calib=n_calib, model_source=model, log=_log,
-                           save_path=str(save) if save else None)
+                           save_path=str(save) if save else None, ood_limit=ood_limit)
     emit({"rows": [r.to_dict() for r in results], "scheme": scheme, "limit": limit}, as_json, markdown_table(results))
 
 

@@ -21,7 +21,7 @@ READABLE_RECIPE_VERSIONS = (1, 2)
 
 Method = Literal["rtn", "gptq", "smoothquant", "quarot", "mquant"]
 METHODS: tuple[str, ...] = ("rtn", "gptq", "smoothquant", "quarot", "mquant")
-OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
+OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "auto")  # auto: chosen per layer on the validation split
 SUPPORTED_WEIGHT_BITS = (4, 8)
 SUPPORTED_ACT_BITS = (8,)
 
@@ -340,12 +340,33 @@ def recipe_for(
 @dataclass(frozen=True)
 class CalibConfig:
     """Where calibration samples come from: 'default' (easy-VQA train split, offline), a folder of
-    images, a JSONL file of {"image", "prompt"} records, or a `datasets` name (online users)."""
+    images, a JSONL file of {"image", "prompt"} records, or a `datasets` name (online users).
+
+    Robustness options (each an `mquant ablate --rows calib` row, measured on easy-vqa-ood):
+    `prompts="diverse"` re-words each train question with calibration-only templates or swaps it
+    for a free-form instruction; `text_fraction` of the samples are text-only chat turns (bundled
+    prose) so text scales see text that is not about an image; `decode_tokens` greedy tokens of
+    the float model are appended to every sample, so the text scales (MSQ) see decode steps too;
+    `n_validation` further samples are held out: not observed, only run through each quantized
+    block to measure how often activations leave their static range (report.json)."""
 
     source: str = "default"
     n_samples: int = 32
     seed: int = 0
+    prompts: str = "train"
+    text_fraction: float = 0.0
+    decode_tokens: int = 0
+    n_validation: int = 0
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
             raise ConfigError(f"--n-calib must be at least 1, got {self.n_samples}")
+        if self.prompts not in CALIB_PROMPTS:
+            raise ConfigError(f"calibration prompts must be one of {', '.join(CALIB_PROMPTS)}, got '{self.prompts}'")
+        if not 0.0 <= self.text_fraction < 1.0:
+            raise ConfigError(f"text_fraction must be in [0, 1), got {self.text_fraction}")
+        if self.decode_tokens < 0 or self.n_validation < 0:
+            raise ConfigError(f"decode_tokens and n_validation must be >= 0, got {self.decode_tokens}, {self.n_validation}")
+
+
+CALIB_PROMPTS = ("train", "diverse")

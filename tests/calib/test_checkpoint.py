@@ -55,9 +55,9 @@ def test_resume_after_crash_equals_uninterrupted_run(setup, tmp_path, monkeypatc
     calibrated = []
     original = SequentialCalibrator.process_with_runner
 
-    def counting(self, block, runner, scheme, part):
+    def counting(self, block, runner, scheme, part, val_runner=None):
         calibrated.append(part)
-        return original(self, block, runner, scheme, part)
+        return original(self, block, runner, scheme, part, val_runner)
 
     monkeypatch.setattr(SequentialCalibrator, "process_with_runner", counting)
     model = copy.deepcopy(case.model)

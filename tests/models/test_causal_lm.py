@@ -106,7 +106,8 @@ def test_cli_quantizes_and_exports_a_saved_causal_lm(tmp_path, monkeypatch):
     assert type(model).__name__ == "LlamaForCausalLM" and all(m.quantized for m in quant_linears(model).values())
     assert "- skipped step msq: no visual tokens" in (tmp_path / "mq" / "report.md").read_text()
     meta = json.loads((tmp_path / "mq" / "mquant_config.json").read_text())
-    assert meta["calibration"] == {"source": "default", "n_samples": 4, "seed": 0}
+    assert meta["calibration"] == {"source": "default", "n_samples": 4, "seed": 0, "prompts": "train", "text_fraction": 0.0,
+                                   "decode_tokens": 0, "n_validation": 0}
     tokenizer = load_saved_processor(tmp_path / "mq")
     assert tokenizer("t7 t9")["input_ids"] == [7, 9]
     tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))

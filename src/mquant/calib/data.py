@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mquant.calib.prompts import diverse_prompt, text_only_turns
 from mquant.config import CalibConfig
 from mquant.demo.easyvqa import load_split
 from mquant.errors import CalibrationError, InputError
@@ -132,16 +133,61 @@ def encode_pair(processor: Any, image, prompt: str) -> dict:
 
 
 def build_calibration_inputs(config: CalibConfig, processor: Any, model: Any) -> list[dict]:
+    """`config.n_samples` model-input dicts; with `n_validation`, that many more follow (disjoint
+    pairs, same options) — `split_validation` separates them. See CalibConfig for the options."""
     if processor is None:
         raise CalibrationError("calibration needs the model's processor to encode images and prompts; pass processor=")
     dtype = next(model.parameters()).dtype
+    pairs = load_calibration_pairs(replace(config, n_samples=config.n_samples + config.n_validation))
+    rng = random.Random(f"calib-prompts:{config.seed}")
+    if config.prompts == "diverse":
+        pairs = [CalibPair(p.image_path, diverse_prompt(p.prompt, rng)) for p in pairs]
+    n_text = round(config.text_fraction * len(pairs))
+    text_at = set(rng.sample(range(len(pairs)), n_text))
+    turns = iter(text_only_turns(_default_text(), n_text, rng)) if n_text else iter(())
     samples = []
-    for pair in load_calibration_pairs(config):
+    for index, pair in enumerate(pairs):
+        if index in text_at:  # text-only chat turn: the text scales see text that is not about an image
+            samples.append(encode_text_turn(processor, next(turns)))
+            continue
         batch = encode_pair(processor, open_image(pair.image_path), pair.prompt)
         if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
         samples.append(batch)
+    if config.decode_tokens:
+        samples = [with_decoded_tokens(model, s, config.decode_tokens) for s in samples]
     return samples
+
+
+def split_validation(samples: list[dict], config: CalibConfig) -> tuple[list[dict], list[dict]]:
+    """(calibration, validation) samples of `build_calibration_inputs(config, ...)`."""
+    return samples[: config.n_samples], samples[config.n_samples:]
+
+
+def encode_text_turn(processor: Any, text: str) -> dict:
+    """One text-only user turn in the model's chat template (no image), batch of 1."""
+    if hasattr(processor, "encode_text_turn"):
+        ids = processor.encode_text_turn(text)
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    return dict(processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)], return_tensors="pt"))
+
+
+@torch.no_grad()
+def with_decoded_tokens(model: Any, sample: dict, n_tokens: int) -> dict:
+    """`sample` with the float model's first `n_tokens` greedy tokens appended: one forward over the
+    longer sequence shows every layer the activations those decode steps have (causal attention:
+    a decoded token's rows equal its rows in the teacher-forced sequence), as calibrating through
+    `generate()` does."""
+    out = model.generate(**sample, max_new_tokens=n_tokens, do_sample=False)
+    new = out[:, sample["input_ids"].shape[1]:]
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    # A decode step reads the token generated before it; the final EOS is never read back.
+    new = new[:, [i for i, t in enumerate(new[0].tolist()) if t not in eos]]
+    mask = torch.ones_like(new, dtype=sample["attention_mask"].dtype)
+    return {**sample, "input_ids": torch.cat([sample["input_ids"], new], dim=1),
+            "attention_mask": torch.cat([sample["attention_mask"], mask], dim=1)}
 
 
 # ---- text-only causal LMs ------------------------------------------------------------------------

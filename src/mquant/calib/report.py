@@ -22,6 +22,10 @@ class LayerRecord:
     outlier_ratio_before: float | None = None  # the same before a pre-quantization step (RMS) edited the layer
     online_hadamard: bool = False
     rms_split: bool = False
+    observer: str | None = None  # the observer behind act_scale ("auto" resolves to the chosen one)
+    observer_errors: dict[str, float] | None = None  # "auto": each candidate's validation output error (squared, relative)
+    range_overflow: float | None = None  # share of validation-split input values int8 clamps at the static scale
+    range_overflow_max: float | None = None  # largest |x| / (127 s) on the validation split (> 1: out of range)
 
 
 @dataclass
@@ -66,11 +70,13 @@ class QuantReport:
         ]
         for part, s in self.summary().items():
             lines.append(f"| {part} | {s['layers']} | {s['mean_output_error']:.4f} | {s['max_output_error']:.4f} |")
-        lines += ["", "| layer | part | scheme | weight err | act err | output err | outlier ratio | hadamard | rms |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| layer | part | scheme | weight err | act err | output err | outlier ratio | hadamard | rms | observer | range overflow |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
             lines.append(
                 f"| {r.name} | {r.part} | {r.scheme} | {r.weight_error:.4f} | {_fmt(r.act_error)} | {_fmt(r.output_error)} "
-                f"| {_fmt(r.outlier_ratio, 1)} | {'y' if r.online_hadamard else ''} | {'y' if r.rms_split else ''} |"
+                f"| {_fmt(r.outlier_ratio, 1)} | {'y' if r.online_hadamard else ''} | {'y' if r.rms_split else ''} "
+                f"| {r.observer or ''} | {_overflow(r)} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -110,6 +116,11 @@ def _steps_text(steps: list[dict[str, Any]]) -> str:
         return f"{step['name']}({options})" if options else step["name"]
 
     return ", ".join(one(s) for s in steps) or "none"
+
+
+def _overflow(r: LayerRecord) -> str:
+    """Validation-split overflow: share of values clamped, and max |x| over the static range."""
+    return "" if r.range_overflow is None else f"{100 * r.range_overflow:.3f}% (max {r.range_overflow_max:.2f}x)"
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

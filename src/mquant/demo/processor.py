@@ -72,6 +72,11 @@ class DefaultProcessor:
         """Token ids of one chat-formatted prompt (no padding)."""
         return list(self.tokenizer(prompt_text(question), add_special_tokens=False).input_ids)
 
+    def encode_text_turn(self, text: str) -> list[int]:
+        """Token ids of a text-only user turn (no image) in the same chat format."""
+        turn = f"<|im_start|>user\n{text.strip()}<|im_end|>\n<|im_start|>assistant\n"
+        return list(self.tokenizer(turn, add_special_tokens=False).input_ids)
+
     def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if len(images) != len(prompts) or not prompts:
             raise InputError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")

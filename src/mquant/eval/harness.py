@@ -15,6 +15,7 @@ from mquant.errors import InputError
 from mquant.eval import benchmarks_local as bl
 from mquant.eval.cpu_runtimes import load_for_runtime
 from mquant.eval.easyvqa import easyvqa_accuracy_of
+from mquant.eval.easyvqa_ood import DEFAULT_PER_SUBSET, OODSuite, with_all_row
 from mquant.eval.fidelity import next_token_fidelity
 from mquant.eval.generation import generate_texts
 from mquant.eval.perplexity import perplexity
@@ -22,7 +23,7 @@ from mquant.eval.shared_prefix import answer_by_image
 from mquant.io.loading import LoadedModel, load_any, load_float_model
 from mquant.kernels.attach import attach_kernels
 
-TASKS = ("easy-vqa", "fidelity", "perplexity", "textvqa", "docvqa", "ocrbench", "mme")
+TASKS = ("easy-vqa", "easy-vqa-ood", "fidelity", "perplexity", "textvqa", "docvqa", "ocrbench", "mme")
 FIDELITY_DEFAULT_N = 256
 
 
@@ -62,6 +63,21 @@ def fidelity(loaded: LoadedModel, reference: str | None, limit: int | None, batc
     return {"n": len(items), "kl": result["kl"], "top1_agreement": result["top1_agreement"], "positions": result["positions"]}
 
 
+def easyvqa_ood(loaded: LoadedModel, reference: str | None, limit: int | None, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """Accuracy per robustness subset (`--limit` questions each); a quantized model (or one given a
+    `--reference`) also gets KL against the float model on the same questions."""
+    if not hasattr(loaded.processor, "encode_prompt"):
+        raise InputError("easy-vqa-ood needs the default model's processor (easy-VQA prompts); use the default model or one quantized from it")
+    suite = OODSuite(limit or DEFAULT_PER_SUBSET, seed, batch_size)
+    try:
+        if loaded.quantized or reference is not None:
+            suite.set_reference(load_float_model(reference).model, loaded.processor)
+        subsets = with_all_row(suite.score(loaded.model, loaded.processor))
+    finally:
+        suite.close()
+    return {"n_per_subset": limit or DEFAULT_PER_SUBSET, "seed": seed, "split": "test (re-worded / re-rendered at run time)", "subsets": subsets}
+
+
 def language_perplexity(loaded: LoadedModel, limit: int | None) -> dict[str, Any]:
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     windows = limit or 8
@@ -98,6 +114,8 @@ def run_eval(model_source: str | None, task: str, *, limit: int | None = None, d
     start = time.perf_counter()
     if task == "easy-vqa":
         result = easyvqa_accuracy(loaded, limit, batch_size, progress)
+    elif task == "easy-vqa-ood":
+        result = easyvqa_ood(loaded, reference, limit, batch_size)
     elif task == "fidelity":
         result = fidelity(loaded, reference, limit, batch_size)
     elif task == "perplexity":
