@@ -156,3 +156,18 @@ def test_runtime_generate_gives_our_greedy_tokens(exported):
         ours = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     theirs = RuntimeVLM(out, "onnxruntime").generate(**batch, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
     assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_any_image_count_gives_our_visual_features(exported, runtime):
+    """Three images, whatever image count the exporter fixed (or not): each image's projected
+    features equal our runtime's (a fixed count runs in padded chunks)."""
+    case, model, out = exported
+    pixels = torch.cat([case.batch(batch_size=1, seed=s)["pixel_values"] for s in (5, 6, 7)])
+    with torch.no_grad():
+        ours = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    ours = torch.cat(list(ours)) if isinstance(ours, (list, tuple)) else ours
+    theirs = torch.from_numpy(RuntimeVLM(out, runtime, precision="f32").image_features(pixels))
+    ours = ours.reshape(-1, ours.shape[-1])
+    assert theirs.shape == ours.shape
+    assert float((theirs - ours).abs().max()) <= 1e-2 * float(ours.abs().max())

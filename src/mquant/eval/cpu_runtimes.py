@@ -79,6 +79,11 @@ class _OrtGraph:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
+    def fixed_batch(self) -> int | None:
+        """The first input's leading dimension where the exporter fixed it (else None)."""
+        dim = self.session.get_inputs()[0].shape[0]
+        return dim if isinstance(dim, int) else None
+
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.outputs, feed)
 
@@ -95,6 +100,10 @@ class _OpenVinoGraph:
         self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.outputs = [self.compiled.output(i) for i in range(len(self.compiled.outputs))]
+
+    def fixed_batch(self) -> int | None:
+        dim = self.compiled.input(0).get_partial_shape()[0]
+        return dim.get_length() if dim.is_static else None
 
     def __call__(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self.request.infer(feed)
@@ -143,7 +152,22 @@ class RuntimeVLM:
         return self
 
     def image_features(self, pixel_values: torch.Tensor) -> np.ndarray:
-        return self.graphs["vision"]({"pixel_values": pixel_values.float().numpy()})[0]
+        """Visual features of every image; where the exporter fixed the vision graph's image count
+        (a tower whose code branches on it), the images run in chunks of that count, the last one
+        padded by repeating its final image and the padding's rows dropped."""
+        graph, images = self.graphs["vision"], pixel_values.float().numpy()
+        fixed = graph.fixed_batch()
+        if fixed is None or len(images) == fixed:
+            return graph({"pixel_values": images})[0]
+        parts = []
+        for start in range(0, len(images), fixed):
+            chunk = images[start:start + fixed]
+            real = len(chunk)
+            if real < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - real, axis=0)])
+            features = graph({"pixel_values": chunk})[0]
+            parts.append(features[: real * (len(features) // fixed)])  # rows are image-major
+        return np.concatenate(parts)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
                  past_key_values: RuntimeCache | None = None, position_ids=None, use_cache: bool = True, **_unused):
