@@ -50,11 +50,7 @@ def test_offloaded_quantization_fits_a_budget_below_the_model_size(big_model, tm
     reference = copy.deepcopy(model)
     quantize(reference, RECIPE, samples)
     in_memory, offloaded = (capped.read_result(procs[m], tmp_path / m) for m in ("in-memory", "offloaded"))
-    assert not in_memory["ok"], "the budget does not bite: quantizing the fully loaded model fit in it"
-    assert any(s in in_memory["error"] for s in ("allocate memory", "Cannot allocate memory", "can't start new thread")), in_memory
-    assert offloaded["ok"], offloaded.get("error")
-    assert offloaded["layers"] == capped.digest_layers(reference)
-    assert offloaded["logits"] == capped.digest_logits(reference, batch)
+    capped.assert_only_streaming_fits(in_memory, offloaded, reference, batch)
     assert offloaded["loaded_bytes"] < model_bytes  # embeddings and lm_head were only streamed
 
 

@@ -116,3 +116,16 @@ if __name__ == "__main__":
     mode, model_dir, work, budget, method, scheme = sys.argv[1:7]
     out = _run(mode, Path(model_dir), Path(work), int(budget), method, scheme)
     (Path(work) / "result.json").write_text(json.dumps(out))
+
+
+OUT_OF_MEMORY = ("allocate memory", "Cannot allocate memory", "can't start new thread")
+
+
+def assert_only_streaming_fits(in_memory: dict, offloaded: dict, reference: nn.Module, batch: dict) -> None:
+    """The budget bites: the fully loaded run failed for memory, the offloaded one succeeded with the
+    unconstrained reference's quantized layers and logits, bit for bit."""
+    assert not in_memory["ok"], "the budget does not bite: quantizing the fully loaded model fit in it"
+    assert any(s in in_memory["error"] for s in OUT_OF_MEMORY), in_memory
+    assert offloaded["ok"], offloaded.get("error")
+    assert offloaded["layers"] == digest_layers(reference)
+    assert offloaded["logits"] == digest_logits(reference, batch)
