@@ -16,6 +16,8 @@ wall and process CPU time, at each thread count; ratios vs bf16.
     python benchmarks/cpu_runtimes.py --mquant-dir DIR --work /tmp/cpu_rt --limit 1000 --threads 1,2 --rounds 5 \
         --out benchmarks/results/cpu_runtimes.json
 DIR: `mquant quantize --method mquant --scheme w8a8 --act static --n-calib 16 --out DIR`.
+`--mquant-w4a8-dir DIR4` (same command with `--scheme w4a8`) adds the MQuant W4A8 rows
+(mquant-w4a8-torch / -ort / -ov): the export's 4-bit codes in int8 weights, static int8 activations.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ def calibration_feeds(float_dir: Path, samples: list[dict]) -> dict[str, list[di
     runner = RuntimeVLM(float_dir, "onnxruntime")
     names = runner.config["graphs"]["decode"]["inputs"][3:]
     feeds = {g: [] for g in GRAPHS}
+    fixed = runner.graphs["vision"].fixed_batch()  # a tower graph exported for a fixed image count
     for batch in samples:
         pixels = batch["pixel_values"].float().numpy()
-        feeds["vision"].append({"pixel_values": pixels})
+        feeds["vision"] += [{"pixel_values": chunk} for chunk in _image_chunks(pixels, fixed)]
         feats = runner.image_features(batch["pixel_values"])
         ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
         feeds["prefill"].append({"input_ids": ids, "attention_mask": mask, "image_features": feats})
@@ -70,6 +73,16 @@ def calibration_feeds(float_dir: Path, samples: list[dict]) -> dict[str, list[di
         step.update(zip(names, out.past_key_values.tensors))
         feeds["decode"].append(step)
     return feeds
+
+
+def _image_chunks(pixels: np.ndarray, fixed: int | None) -> list[np.ndarray]:
+    """The images in runs of the vision graph's fixed image count, the last padded by repeating
+    its final image (repeats add no new values to the statistics)."""
+    if fixed is None:
+        return [pixels]
+    chunks = [pixels[i:i + fixed] for i in range(0, len(pixels), fixed)]
+    chunks[-1] = np.concatenate([chunks[-1], np.repeat(chunks[-1][-1:], fixed - len(chunks[-1]), axis=0)])
+    return chunks
 
 
 def _copy_export(src: Path, dst: Path, files: dict[str, str], quantizer: str) -> None:
@@ -178,6 +191,7 @@ def speed(models: dict, batch: dict, rounds: int, new_tokens: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mquant-dir", required=True, help="MQuant W8A8 static directory written by `mquant quantize`")
+    parser.add_argument("--mquant-w4a8-dir", default=None, help="MQuant W4A8 static directory: adds its rows")
     parser.add_argument("--work", default="/tmp/cpu_runtimes", help="where the exports are written (reused if present)")
     parser.add_argument("--limit", type=int, default=1000, help="easy-VQA test questions (0: the whole split)")
     parser.add_argument("--threads", default="1,2")
@@ -194,6 +208,8 @@ def main() -> None:
             "ortq": work / "ortq"}
     if not (dirs["mquant"] / CONFIG_NAME).exists():
         log("exporting MQuant W8A8 to ONNX"), export_onnx(args.mquant_dir, dirs["mquant"])
+    if args.mquant_w4a8_dir and not (work / "mquant_w4a8_onnx" / CONFIG_NAME).exists():
+        log("exporting MQuant W4A8 to ONNX"), export_onnx(args.mquant_w4a8_dir, work / "mquant_w4a8_onnx")
     peers = [p for p in ("nncf", "nncf-nosq", "ortq") if p.split("-")[0] not in skip]
     failed: dict[str, str] = {}
     if peers and not (dirs["float"] / CONFIG_NAME).exists():
@@ -216,10 +232,13 @@ def main() -> None:
                     continue
                 log(f"  {peer}: {time.perf_counter() - start:.0f} s")
     peers = [p for p in peers if p not in failed]
-    ours = load_quantized(args.mquant_dir)
-    attach_kernels(ours)
+    ours = {"mquant-torch": _on_kernels(args.mquant_dir)}
     variant_dirs = {"mquant-ort": (dirs["mquant"], "onnxruntime"), "mquant-ov": (dirs["mquant"], "openvino"),
                     **{f"{p}-{'ort' if p == 'ortq' else 'ov'}": (dirs[p], "onnxruntime" if p == "ortq" else "openvino") for p in peers}}
+    if args.mquant_w4a8_dir:
+        ours["mquant-w4a8-torch"] = _on_kernels(args.mquant_w4a8_dir)
+        variant_dirs.update({"mquant-w4a8-ort": (work / "mquant_w4a8_onnx", "onnxruntime"),
+                             "mquant-w4a8-ov": (work / "mquant_w4a8_onnx", "openvino")})
     report = {"limit": args.limit, "machine": "2-core shared AVX-512-VNNI VM (noisy, +-25%)", "torch": torch.__version__,
               "failed_peers": failed}
     out = Path(args.out)
@@ -241,7 +260,7 @@ def run_speed(report: dict, ours, variant_dirs: dict, processor, args, save) -> 
     report["speed"] = {}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
-        models = {"bf16": _BF16(bf16, bf16_batch), "mquant-torch": ours,
+        models = {"bf16": _BF16(bf16, bf16_batch), **ours,
                   **{n: RuntimeVLM(d, r, threads=threads) for n, (d, r) in variant_dirs.items()}}
         report["speed"][str(threads)] = speed(models, batch, args.rounds, args.new_tokens)
         for name, row in report["speed"][str(threads)].items():
@@ -257,7 +276,8 @@ def run_accuracy(report: dict, float_model, ours, variant_dirs: dict, processor,
     report["accuracy"] = rows = {}
     float_acc, float_logits = accuracy(float_model, processor, items)
     rows["float32-torch"] = {"accuracy": float_acc, "kl": 0.0, "top1_agreement": 1.0}
-    candidates = {"mquant-torch": lambda: ours, **{n: (lambda d=d, r=r: RuntimeVLM(d, r)) for n, (d, r) in variant_dirs.items()}}
+    candidates = {**{n: (lambda m=m: m) for n, m in ours.items()},
+                  **{n: (lambda d=d, r=r: RuntimeVLM(d, r)) for n, (d, r) in variant_dirs.items()}}
     for name, make in candidates.items():
         start = time.perf_counter()
         acc, logits = accuracy(make(), processor, items)
@@ -265,6 +285,13 @@ def run_accuracy(report: dict, float_model, ours, variant_dirs: dict, processor,
         rows[name] = {"accuracy": acc, "kl": fid["kl"], "top1_agreement": fid["top1_agreement"]}
         log(f"{name:16s} accuracy {acc:.4f}  KL {fid['kl']:.4f}  ({time.perf_counter() - start:.0f} s)")
         save()
+
+
+def _on_kernels(directory: str):
+    """A directory written by `mquant quantize`, loaded onto our integer kernels."""
+    model = load_quantized(directory)
+    attach_kernels(model)
+    return model
 
 
 class _BF16:
