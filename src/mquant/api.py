@@ -20,6 +20,7 @@ from mquant.calib.report import QuantReport
 from mquant.calib.sequential import SequentialCalibrator
 from mquant.calib.stats import AUTO_OBSERVER
 from mquant.config import CalibConfig, Recipe, recipe_for
+from mquant.core.modality import row_classes
 from mquant.core.state import QuantState
 from mquant.errors import CalibrationError, ConfigError
 from mquant.io.loader import load_quantized as _load_quantized
@@ -72,6 +73,9 @@ def quantize(
         masks = [adapter.visual_token_mask(model, s["input_ids"]) for s in samples]
         if not any(bool(m.any()) for m in masks):
             raise CalibrationError("calibration data has no image: a VLM needs image+text samples to calibrate its vision tower; add images")
+        if getattr(recipe.step("msq"), "first_token", False):  # each sample is one prompt from its start
+            masks = [row_classes(m, s.get("attention_mask")) for m, s in zip(masks, samples)]
+            val_masks = [row_classes(m, s.get("attention_mask")) for m, s in zip(val_masks, validation)]
     checkpoint = open_checkpoint(checkpoint_dir, recipe, samples, model)
     steps = build_steps(recipe)
     start = time.perf_counter()

@@ -71,11 +71,12 @@ def quantize(
     text_fraction: float = typer.Option(0.0, help="Share of calibration samples that are text-only chat turns"),
     decode_tokens: int = typer.Option(0, help="Greedy tokens of the float model appended to each sample (decode steps calibrated)"),
     n_validation: int = typer.Option(0, help="Held-out calibration samples: range overflow per layer in report.json, observer auto"),
+    first_token_scale: bool = typer.Option(False, "--first-token-scale", help="MSQ: a third static scale for each prompt's first token (the attention sink); mquant runtime only"),
     out: Path = typer.Option(Path("mquant-out"), help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:
     """Quantize MODEL and write it (safetensors) with report.json, report.md and report.png."""
-    recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer)
+    recipe = recipe_for(method, scheme, act, vision_scheme, group_size, observer, first_token_scale)
     calib_cfg = CalibConfig(source=calib, n_samples=n_calib, seed=seed, prompts=calib_prompts, text_fraction=text_fraction,
                             decode_tokens=decode_tokens, n_validation=n_validation)
     report = quantize_and_save(model, recipe, calib_cfg, out, progress=_progress())

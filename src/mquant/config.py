@@ -200,10 +200,18 @@ class RMSConfig(StepConfig):
 
 @dataclass(frozen=True)
 class MSQConfig(StepConfig):
-    """Modality-specific static scales: one [text, visual] pair per language activation point."""
+    """Modality-specific static scales: one [text, visual] pair per language activation point.
+
+    `first_token`: a third static scale, [text, visual, first], for each prompt's first token. That
+    token is the attention sink: causal attention makes its activations the same for every prompt,
+    and in some layers they are 100-200x every other token's (default model: layer 11's down_proj
+    input, 110 vs a median 0.55), so inside the text range they leave the text tokens ~1 int8
+    level (easy-vqa-ood, BENCHMARKS.md). The choice is by position (the first attended token of
+    a prefill), fixed ahead of time like the modality split: still fully static."""
 
     name: ClassVar[str] = "msq"
     order: ClassVar[int] = 5
+    first_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,9 +332,10 @@ def recipe_for(
     vision_scheme: str | None = None,
     group_size: int | None = None,
     observer: str = "minmax",
+    first_token: bool = False,
 ) -> Recipe:
     """The standard recipe of a method. QuaRot defaults to dynamic per-token activations as in its
-    paper; every other method to static per-tensor scales."""
+    paper; every other method to static per-tensor scales. `first_token`: MSQ's first-token scale."""
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
     act = act or ("dynamic" if method == "quarot" else "static")
@@ -334,6 +343,10 @@ def recipe_for(
     vision = SchemeConfig.parse(vision_scheme or scheme, act, group_size)
     steps = {"smoothquant": ("smoothquant",), "quarot": QUAROT_STEPS, "mquant": MQUANT_STEPS}.get(method, ())
     weights = RTNConfig() if method in ("rtn", "smoothquant") else GPTQConfig()
+    if first_token:
+        if "msq" not in steps or act != "static":
+            raise ConfigError("--first-token-scale is an MSQ static-scale option; use it with --method mquant --act static")
+        steps = tuple(MSQConfig(first_token=True) if s == "msq" else s for s in steps)
     return Recipe(method=method, vision=vision, language=language, weights=weights, observer=observer, steps=steps)
 
 

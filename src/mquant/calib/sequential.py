@@ -104,10 +104,11 @@ class SequentialCalibrator:
 
     def _collect(self, block, runner: Callable[[], object], part: str) -> dict[int, GroupStats]:
         per_modality = any(step.modality_specific(part) for step in self.steps)
+        first_token = any(step.first_token_scale(part) for step in self.steps)
         need_hessian = isinstance(self.recipe.weights, GPTQConfig)
         stats: dict[int, GroupStats] = {}
         for gi, group in enumerate(block.groups):
-            stats[gi] = GroupStats(self.recipe.observer, per_modality, need_hessian, self.ctx)
+            stats[gi] = GroupStats(self.recipe.observer, per_modality, need_hessian, self.ctx, first_token)
             group.linears[0].module.input_observer = stats[gi]
         try:
             runner()

@@ -27,6 +27,7 @@ class GroupStats:
     modality_specific: bool
     need_hessian: bool
     ctx: ModalityContext | None = None
+    first_token: bool = False  # MSQ's third scale, for each prompt's first token
     hessian: HessianAccumulator | None = None
     absmax_channel: torch.Tensor | None = None  # per input channel, for SmoothQuant / outlier ratios
     observer: object = None
@@ -37,13 +38,13 @@ class GroupStats:
 
     def __post_init__(self) -> None:
         if self.observer_name == AUTO_OBSERVER:
-            self.candidates = {name: (make_observer(name), ModalitySplit(name) if self.modality_specific else None)
+            self.candidates = {name: (make_observer(name), ModalitySplit(name, self.first_token) if self.modality_specific else None)
                                for name in AUTO_CANDIDATES}
             self.observer, self.modality = self.candidates[AUTO_CANDIDATES[0]]
             return
         self.observer = make_observer(self.observer_name)
         if self.modality_specific:
-            self.modality = ModalitySplit(self.observer_name)
+            self.modality = ModalitySplit(self.observer_name, self.first_token)
 
     def __call__(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -61,9 +62,9 @@ class GroupStats:
             self.hessian.add(flat)
         if self.modality is not None:
             mask = self.ctx.row_modality(x.shape[:-1]) if self.ctx is not None else None
-            visual = mask.reshape(-1) if mask is not None else torch.zeros(flat.shape[0], dtype=torch.bool)
+            classes = mask.reshape(-1) if mask is not None else torch.zeros(flat.shape[0], dtype=torch.bool)
             for _, split in self.candidates.values() or [(None, self.modality)]:
-                split.observe(flat, visual)
+                split.observe(flat, classes)
 
     def act_scale(self) -> torch.Tensor:
         """[text, visual] static scales (the joint scale twice without MSQ); with "auto", min-max's

@@ -40,6 +40,8 @@ class QuantState:
         if old is not None and old is not self:
             old.detach_hook()
         self.detach_hook()
+        msq = self.recipe.step("msq") if self.recipe is not None else None
+        self.ctx.first_token = bool(getattr(msq, "first_token", False))
         if self.image_token_ids:
             self._hook = attach_modality_hook(model, self.ctx, self.image_token_ids)
         setattr(model, _ATTR, self)

@@ -18,7 +18,7 @@ import torch
 
 from mquant.api import quantize
 from mquant.calib.data import build_calibration_inputs, split_validation
-from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
+from mquant.config import MQUANT_STEPS, CalibConfig, MSQConfig, Recipe, recipe_for
 from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
 from mquant.errors import ConfigError
@@ -112,6 +112,7 @@ def calibration_rows(scheme: str, n_calib: int) -> list[Row]:
         ("mquant-percentile", replace(mquant, observer="percentile"), base),
         ("mquant-mse", replace(mquant, observer="mse"), base),
         ("mquant-auto", replace(mquant, observer="auto"), replace(base, n_validation=4)),
+        ("mquant-first", mquant.with_steps(*[MSQConfig(first_token=True) if s.name == "msq" else s for s in mquant.steps]), base),
         ("mquant-robust", mquant, ROBUST_CALIB),
     ]
 

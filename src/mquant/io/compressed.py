@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mquant.core.modality import check_two_scales
 from mquant.core.qlinear import QuantLinear, dequantize_weight
 from mquant.core.state import QuantState
 from mquant.core.swap import quant_linears
@@ -83,6 +84,7 @@ def check_representable(model: nn.Module, layers: dict[str, QuantLinear]) -> Non
             raise ConfigError(f"{name} applies an online Hadamard rotation, which compressed-tensors cannot express; {_USE_MQUANT}")
         if layer.rms_split:
             raise ConfigError(f"{name} uses the MQuant RMS split (a float rank-1 side term), which compressed-tensors cannot express; {_USE_MQUANT}")
+        check_two_scales(name, layer.act_scale, "the compressed-tensors format")
         if layer.act_bits is not None and not layer.act_dynamic and not bool(layer.act_scale[0] == layer.act_scale[1]):
             raise ConfigError(f"{name} has modality-specific activation scales (text and visual), which compressed-tensors "
                               f"cannot express; {_USE_MQUANT}")

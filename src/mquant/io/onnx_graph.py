@@ -22,7 +22,7 @@ import torch
 
 from mquant.core.actquant import ACT_QMAX, ACT_QMIN
 from mquant.core.hadamard import hadamard_decompose, hadamard_matrix
-from mquant.core.modality import TEXT, VISUAL
+from mquant.core.modality import TEXT, VISUAL, check_two_scales
 from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
 
@@ -112,6 +112,7 @@ def _qdq_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def qdq_linear(layer: QuantLinear, rows: RowModality | None, hadamard_cache: dict) -> None:
     """Switch `layer` (of a private copy of the model) to its QDQ forward. `rows` is given for the
     layers whose MSQ scales differ; `hadamard_cache` shares one pair of factor matrices per size."""
+    check_two_scales(layer.name, layer.act_scale, "the ONNX export")
     scales = [float(v) for v in layer.act_scale.float()]
     layer._onnx_scales = scales
     layer._onnx_rows = rows if scales[TEXT] != scales[VISUAL] else None

@@ -98,7 +98,7 @@ def check_layer_tensors(name: str, info: dict[str, Any], tensors: dict[str, torc
         need("qweight", (torch.uint8,), lambda s: s == (out_f, in_f // 2))
     need("w_scale", (torch.float32,), lambda s: len(s) == 2 and s[0] == out_f and s[1] >= 1 and in_f % s[1] == 0)
     if info["act_bits"] is not None and not info["act_dynamic"]:
-        need("act_scale", (torch.float32,), lambda s: s == (2,))
+        need("act_scale", (torch.float32,), lambda s: s in ((2,), (3,)))  # [text, visual(, first)]
     else:
         absent("act_scale")
     (need if info["rms_split"] else lambda leaf, *_: absent(leaf))("rms_w0", floats, lambda s: s == (out_f,))

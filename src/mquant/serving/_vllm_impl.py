@@ -35,7 +35,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
-from mquant.core.modality import ModalityContext
+from mquant.core.modality import ModalityContext, check_two_scales
 from mquant.errors import ConfigError
 from mquant.io.native import CONFIG_NAME
 from mquant.serving.served import ServedModel, build_linear
@@ -158,6 +158,7 @@ class MQuantLinearMethod(LinearMethodBase):
         """[text, visual] of one shard (q/k/v or gate/up index; None: an unfused layer). Scales are
         per tensor: every tensor-parallel rank takes them whole."""
         index = _QKV.get(shard_id, shard_id) if shard_id is not None else 0
+        check_two_scales(", ".join(self.shards), loaded, "the vLLM plugin")
         param.data[int(index)].copy_(loaded.reshape(-1).to(torch.float32).expand(2))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -61,6 +61,10 @@ class Step:
     def modality_specific(self, part: str) -> bool:
         return False
 
+    def first_token_scale(self, part: str) -> bool:
+        """A third static scale for each prompt's first token (MSQ's first_token)."""
+        return False
+
     def before_quant(self, block: Any, stats: dict, records: list) -> bool:
         return False
 
