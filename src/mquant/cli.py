@@ -164,15 +164,23 @@ def generate(
         sys.stdout.write("\n")  # the answer itself was streamed
 
 
+def _grid(text: str) -> tuple[int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InputError(f"--image-grid '{text}': give TxHxW in patches, e.g. 1x28x28")
+    return tuple(int(p) for p in parts)
+
+
 @app.command()
 def export(
     model_dir: Path = typer.Argument(..., help="A directory written by `mquant quantize`"),
     format: str = typer.Option("compressed-tensors", "--format", help="compressed-tensors | mquant | onnx (QDQ graphs for ONNX Runtime / OpenVINO)"),
     out: Path = typer.Option(..., help="Output directory (written atomically)"),
+    image_grid: Optional[list[str]] = typer.Option(None, "--image-grid", help="onnx, Qwen2-VL: a patch grid TxHxW the vision graphs take (repeatable; e.g. 1x28x28 for 392x392 images at patch 14)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Export a quantized model for serving (compressed-tensors, the format vLLM loads) or re-save it."""
-    written = export_model(model_dir, format, out)
+    written = export_model(model_dir, format, out, [_grid(g) for g in image_grid or []])
     emit({"out": str(written), "format": format}, as_json, f"wrote {written} ({format})")
 
 

@@ -43,8 +43,11 @@ def default_export(tmp_path_factory):
 def test_default_model_answers_like_our_runtime(default_export, runtime, tolerance):
     """Tolerance: max |Δ first-answer logit| / max |logit|. On the tiny LLaVA models the exports
     match our runtime to 4e-7 (ORT) and 4e-3 (OpenVINO f32), but on the default model ORT was measured
-    at 7.4% (3.2 of 43.7, 2026-12-02) with identical answers: an open gap (the cause is not found yet;
-    BENCHMARKS.md, ONNX section). This bound catches it growing; tighten it once it is found."""
+    at 7.4% (3.2 of 43.7, 2026-12-02) with identical answers. Not the export: this quantized model's
+    logits follow the last bit of its float maths (our own fake-quant forward moves 4.2% under a
+    one-ulp pixel change; our int8 kernels and fake-quant forward differ by 15%) because activations
+    at rounding ties flip codes (BENCHMARKS.md, ONNX section). So no relative bound below that spread
+    holds for a correct runtime; 10% catches a real mismatch (a wrong scale or split moves it far more)."""
     model, processor, out, _ = default_export
     items = load_split("test")[:12]
     args = ([i.image_path for i in items], [i.question for i in items])

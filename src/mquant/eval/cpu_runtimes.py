@@ -24,7 +24,8 @@ import torch
 
 from mquant.errors import ConfigError, DependencyError, InputError
 from mquant.io.loading import LoadedModel, load_any
-from mquant.io.onnx_export import CONFIG_NAME
+from mquant.io.onnx_export import CONFIG_NAME, FAMILIES
+from mquant.io.onnx_mrope import decode_positions, grid_name, mrope_positions
 from mquant.io.processors import load_saved_processor
 from mquant.kernels.attach import attach_kernels
 
@@ -43,6 +44,9 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
 
 
 def check_scheme(runtime: str, config: dict[str, Any]) -> None:
+    family = config.get("family")
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"{runtime}: this runner feeds the {', '.join(FAMILIES)} families' graphs, not '{family}'")
     scheme = config.get("scheme")
     if scheme not in RUNTIME_SCHEMES.get(runtime, ()):
         raise ConfigError(f"{runtime} cannot run scheme '{scheme}' on its integer kernels; "
@@ -122,11 +126,13 @@ def open_graph(runtime: str, path: Path, threads: int | None = None, precision: 
 class RuntimeCache:
     tensors: list[np.ndarray]  # past.{layer}.{key,value} in the graph's input order
     mask: np.ndarray  # int64 [batch, past]: every attention mask so far
+    following: np.ndarray | None = None  # M-RoPE: each row's next position [batch]
 
     def batch_select_indices(self, rows: torch.Tensor) -> None:
         index = np.asarray(rows, dtype=np.int64)
         self.tensors = [t[index] for t in self.tensors]
         self.mask = self.mask[index]
+        self.following = None if self.following is None else self.following[index]
 
     def get_seq_length(self) -> int:
         return int(self.mask.shape[1])
@@ -151,10 +157,13 @@ class RuntimeVLM:
     def eval(self) -> RuntimeVLM:
         return self
 
-    def image_features(self, pixel_values: torch.Tensor) -> np.ndarray:
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> np.ndarray:
         """Visual features of every image; where the exporter fixed the vision graph's image count
         (a tower whose code branches on it), the images run in chunks of that count, the last one
-        padded by repeating its final image and the padding's rows dropped."""
+        padded by repeating its final image and the padding's rows dropped. Qwen2-VL: flattened
+        patches of all images [patches, patch_dim], each image through the graph of its grid."""
+        if self.config.get("mrope"):
+            return self._grid_features(pixel_values.float().numpy(), image_grid_thw)
         graph, images = self.graphs["vision"], pixel_values.float().numpy()
         fixed = graph.fixed_batch()
         if fixed is None or len(images) == fixed:
@@ -169,25 +178,48 @@ class RuntimeVLM:
             parts.append(features[: real * (len(features) // fixed)])  # rows are image-major
         return np.concatenate(parts)
 
+    def _grid_features(self, patches: np.ndarray, grids: torch.Tensor | None) -> np.ndarray:
+        if grids is None:
+            raise InputError("a Qwen2-VL export needs image_grid_thw with pixel_values (the processor returns both)")
+        parts, start = [], 0
+        for grid in np.asarray(grids).reshape(-1, 3).tolist():
+            name = grid_name(grid)
+            if name not in self.graphs:
+                exported = ", ".join(self.config["mrope"]["image_grids"])
+                raise InputError(f"no vision graph for image grid {tuple(grid)}; this export has {exported} (re-export with that grid, or resize the image)")
+            size = int(np.prod(grid))
+            parts.append(self.graphs[name]({"pixel_values": patches[start:start + size]})[0])
+            start += size
+        return np.concatenate(parts)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
-                 past_key_values: RuntimeCache | None = None, position_ids=None, use_cache: bool = True, **_unused):
+                 past_key_values: RuntimeCache | None = None, position_ids=None, use_cache: bool = True,
+                 image_grid_thw: torch.Tensor | None = None, **_unused):
         ids = input_ids.numpy().astype(np.int64)
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).numpy().astype(np.int64)
+        mrope, following = self.config.get("mrope"), None
         if past_key_values is None:
             if pixel_values is None:
                 raise InputError("the exported graphs need an image for the first call (prefill); text-only prompts run on --runtime torch")
-            feed = {"input_ids": ids, "attention_mask": mask, "image_features": self.image_features(pixel_values)}
+            feed = {"input_ids": ids, "attention_mask": mask, "image_features": self.image_features(pixel_values, image_grid_thw)}
+            if mrope:
+                feed["position_ids"], following = mrope_positions(ids, mask, np.asarray(image_grid_thw), self.config["image_token_id"],
+                                                                  mrope["spatial_merge_size"])
             logits, *present = self.graphs["prefill"](feed)
             logits, full = logits[:, None], mask
         else:
             past_len = past_key_values.get_seq_length()
             new_mask = mask[:, past_len:] if mask.shape[1] > ids.shape[1] else mask
-            names = self.config["graphs"]["decode"]["inputs"][3:]
+            names = [n for n in self.config["graphs"]["decode"]["inputs"] if n.startswith("past.")]
             feed = {"input_ids": ids, "attention_mask": new_mask, "past_attention_mask": past_key_values.mask}
+            if mrope:
+                feed["position_ids"] = decode_positions(past_key_values.following, new_mask)
+                following = past_key_values.following + new_mask.sum(axis=1)
             feed.update(zip(names, past_key_values.tensors))
             logits, *present = self.graphs["decode"](feed)
             full = np.concatenate([past_key_values.mask, new_mask], axis=1)
-        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits)), past_key_values=RuntimeCache(present, full))
+        cache = RuntimeCache(present, full, following)
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(logits)), past_key_values=cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
@@ -198,7 +230,8 @@ class RuntimeVLM:
         eos = self.config["eos_token_id"]
         eos = set(eos if isinstance(eos, list) else [eos])
         pad = pad_token_id if pad_token_id is not None else self.config["pad_token_id"] or 0
-        out = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        out = self(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                   image_grid_thw=_greedy.get("image_grid_thw"))
         tokens, done, generated = out.logits[:, -1].argmax(-1), torch.zeros(len(input_ids), dtype=torch.bool), []
         for step in range(max_new_tokens):
             tokens = torch.where(done, torch.tensor(pad), tokens)

@@ -40,9 +40,10 @@ class _Decoder(nn.Module):
         self.rows = rows
         self.image_token_id = image_token_id
 
-    def run(self, embeds, attention_mask, cache, visual, last_only: bool):
+    def run(self, embeds, attention_mask, cache, visual, last_only: bool, positions=None):
         seq = embeds.shape[1]
-        positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -seq:]
+        if positions is None:  # M-RoPE families feed theirs (io/onnx_mrope.py)
+            positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -seq:]
         self.rows.visual = visual
         out = self.language(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True)
@@ -57,16 +58,22 @@ class _Decoder(nn.Module):
 
 class PrefillGraph(_Decoder):
     def forward(self, input_ids, attention_mask, image_features):
+        return self.prefill(input_ids, attention_mask, image_features)
+
+    def prefill(self, input_ids, attention_mask, image_features, positions=None):
         embeds = self.language.embed_tokens(input_ids)
         visual = input_ids == self.image_token_id
         embeds = embeds.masked_scatter(visual.unsqueeze(-1).expand_as(embeds), image_features.to(embeds.dtype))
-        return self.run(embeds, attention_mask, DynamicCache(config=self.language.config), visual, True)
+        return self.run(embeds, attention_mask, DynamicCache(config=self.language.config), visual, True, positions)
 
 
 class DecodeGraph(_Decoder):
     def forward(self, input_ids, attention_mask, past_attention_mask, *past):
+        return self.decode(input_ids, attention_mask, past_attention_mask, past)
+
+    def decode(self, input_ids, attention_mask, past_attention_mask, past, positions=None):
         cache = DynamicCache(config=self.language.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         full_mask = torch.cat([past_attention_mask, attention_mask], dim=1)
-        return self.run(self.language.embed_tokens(input_ids), full_mask, cache, None, False)
+        return self.run(self.language.embed_tokens(input_ids), full_mask, cache, None, False, positions)

@@ -91,6 +91,8 @@ def check_exportable(name: str, layer: QuantLinear) -> None:
 
 
 def _qdq_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:  # a batchless tower (Qwen2-VL's patches): ORT turns a 2-D MatMul + Add into a
+        return _qdq_forward(self, x.unsqueeze(0)).squeeze(0)  # float Gemm before its QDQ fusion runs
     qd = _ops()
     if self.online_hadamard:
         x = hadamard_graph(x, self._onnx_hadamard)
