@@ -10,8 +10,11 @@ Two roles in two environments (vLLM pins its own torch/transformers, so it has i
 text heads 32 wide: vLLM's CPU attention has no head_dim-16 kernel), and for each scheme writes a
 directory with `expected.json` (prompts, our greedy tokens and log-probabilities):
 - `w8a8`: RTN W8A8 static per-tensor, our format (served through the `mquant` plugin);
-- `w4a8-mquant`: GPTQ W4A8 static with MQuant's per-layer components (MSQ [text, visual] scales,
-  online Hadamard, RMS split), our format (the plugin);
+- `w4a8-mquant`: GPTQ W4A8 static with MQuant's per-layer components (MSQ [text, visual, first]
+  scales, online Hadamard, RMS split), our format (the plugin). A random tiny model has no attention
+  sink, so its first-token scale would sit near the text one and a wrong row choice would not show:
+  the first-token scales are set to 32x the text ones, so the tokens depend on vLLM marking each
+  request's first token exactly as our runtime does;
 - `w8a8-ct`: RTN W8A8 static, `--format compressed-tensors` (vLLM's own int8 path);
 - `float`: the float model (transformers' save_pretrained), the throughput baseline.
 `serve` loads one directory with vllm.LLM, checks the quantization method vLLM reports, compares
@@ -43,10 +46,10 @@ def _requests(family: str) -> list[dict]:
 
 
 def _recipe(scheme: str):
-    from mquant.config import recipe_for
+    from mquant.config import MSQConfig, recipe_for
 
     if scheme == "w4a8-mquant":  # MQuant's per-layer components; no module swaps (the plugin refuses those)
-        return recipe_for("mquant", "w4a8").with_steps("msq", "online_hadamard", "rms")
+        return recipe_for("mquant", "w4a8").with_steps(MSQConfig(first_token=True), "online_hadamard", "rms")
     return recipe_for("rtn", "w8a8", "static")
 
 
@@ -68,6 +71,15 @@ def _greedy(model, processor, requests: list[dict]) -> list[dict]:
         logprobs = [float(torch.log_softmax(step[0].double(), -1)[t]) for step, t in zip(gen.logits, tokens)]
         out.append({**request, "tokens": tokens, "logprobs": logprobs})
     return out
+
+
+def _exaggerate_first_token_scales(model) -> None:
+    from mquant.core.modality import FIRST, TEXT
+    from mquant.core.swap import quant_linears
+
+    for layer in quant_linears(model).values():
+        if layer.act_scale is not None and layer.act_scale.numel() > FIRST:
+            layer.act_scale[FIRST] = 32 * layer.act_scale[TEXT]
 
 
 def make(out: Path, only: str | None = None) -> None:
@@ -96,6 +108,7 @@ def make(out: Path, only: str | None = None) -> None:
                 calib = [_batch(processor, {"prompt": PROMPTS[family], "image": seed}) for seed in (1, 2, 3)]
                 calib.append(_batch(processor, {"prompt": TEXT_PROMPT, "image": None}))
                 quantize(model, _recipe(scheme), calib)
+                _exaggerate_first_token_scales(model)
                 if scheme == "w8a8-ct":
                     export_compressed_tensors(model, case, processor=processor)
                     runtime = model

@@ -39,3 +39,5 @@ def test_vllm_serves_our_tokens(made, case):
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["method_ok"], result
     assert all(result["tokens_equal"]), result
+    if case.endswith("-mquant"):  # first-token scales 32x the text ones: vLLM missing a request's first row
+        assert result["max_abs_dlogprob"] < 0.02, result  # measured 0.0015; 0.08 and other tokens when it does

@@ -2,8 +2,8 @@
 
 Checked: the row classes (first attended position, prefill only), the two-scale fallback (FIRST rows
 read TEXT), the calibrated scales (min-max: the old text range splits exactly into text and first),
-AIFS invariance, kernels = reference, save/load, and the one-line refusals of the exports that only
-know [text, visual].
+AIFS invariance, kernels = reference, save/load, the ONNX graphs' third scale (ONNX Runtime = our
+runtime) and the one-line refusal of compressed-tensors, which knows only [text, visual].
 """
 
 from __future__ import annotations
@@ -137,14 +137,36 @@ def test_round_trip_keeps_three_scales(tmp_path):
     assert torch.equal(_logits(loaded, batch), expected)
 
 
-def test_exports_that_know_two_scales_refuse_in_one_line(tmp_path):
+def test_compressed_tensors_refuses_in_one_line(tmp_path):
     case = _quantized("llava", _with_first_token(recipe_for("rtn", "w8a8").with_steps("msq")))
     save_quantized(case.model, tmp_path / "q")
-    for export in (export_compressed_tensors, export_onnx):
-        with pytest.raises(ConfigError, match="first-token activation scale") as err:
-            export(tmp_path / "q", tmp_path / export.__name__)
-        assert "\n" not in str(err.value)
-        assert not (tmp_path / export.__name__).exists()
+    with pytest.raises(ConfigError, match="first-token activation scale") as err:
+        export_compressed_tensors(tmp_path / "q", tmp_path / "ct")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("family,options", [("llava", {}), ("qwen2_vl", {"image_grids": [(1, 8, 8), (1, 4, 8)]})])
+def test_onnx_export_runs_the_three_scales_in_onnx_runtime(tmp_path, family, options):
+    """The graph picks the first-token scale on each row's first attended token (left padding
+    included) and gives our runtime's logits; with the first scale forced to the text one the
+    logits move, so the third scale really is in the graph."""
+    pytest.importorskip("onnxruntime")
+    from mquant.eval.cpu_runtimes import RuntimeVLM
+
+    case = _quantized(family, _with_first_token(recipe_for("mquant", "w8a8")))
+    layers = [m for m in quant_linears(case.model).values() if m.act_scale is not None and m.act_scale.numel() == 3]
+    assert layers
+    for layer in layers:  # a first-token scale far from the text one, so choosing it matters
+        layer.act_scale[FIRST] = layer.act_scale[TEXT] * 16
+    batch = case.batch(batch_size=2, seed=3, padding=True)
+    expected = _logits(case.model, batch)[:, -1]
+    got = RuntimeVLM(export_onnx(case.model, tmp_path / "onnx", **options), "onnxruntime")(**batch).logits[:, -1]
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 2e-4 * scale  # measured 2.4e-7 (LLaVA), 2.7e-7 (Qwen2-VL)
+    for layer in layers:
+        layer.act_scale[FIRST] = layer.act_scale[TEXT]
+    assert float((_logits(case.model, batch)[:, -1] - expected).abs().max()) > 1e-2 * scale  # measured 3.1e-2, 2.3e-2
 
 
 def test_recipe_for_needs_msq_and_static_scales():

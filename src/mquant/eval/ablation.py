@@ -102,6 +102,7 @@ def calibration_rows(scheme: str, n_calib: int) -> list[Row]:
     """Full MQuant with one robust-calibration option at a time (CalibConfig / observer), then all
     of the chosen ones together (`mquant-robust`); measured on easy-vqa-ood."""
     mquant = replace(recipe_for("mquant", scheme), steps=MQUANT_STEPS)
+    first = mquant.with_steps(*[MSQConfig(first_token=True) if s.name == "msq" else s for s in mquant.steps])
     base = CalibConfig(n_samples=n_calib)
     return [
         ("mquant", mquant, base),
@@ -112,7 +113,11 @@ def calibration_rows(scheme: str, n_calib: int) -> list[Row]:
         ("mquant-percentile", replace(mquant, observer="percentile"), base),
         ("mquant-mse", replace(mquant, observer="mse"), base),
         ("mquant-auto", replace(mquant, observer="auto"), replace(base, n_validation=4)),
-        ("mquant-first", mquant.with_steps(*[MSQConfig(first_token=True) if s.name == "msq" else s for s in mquant.steps]), base),
+        ("mquant-first", first, base),
+        # the first-token scale combined with the best single options of the W4A8 table
+        ("mquant-first+mse", replace(first, observer="mse"), base),
+        ("mquant-first+diverse", first, replace(base, prompts="diverse")),
+        (f"mquant-first+n{4 * n_calib}", first, replace(base, n_samples=4 * n_calib)),
         ("mquant-robust", mquant, ROBUST_CALIB),
     ]
 

@@ -51,6 +51,8 @@ def _layer_meta(m: QuantLinear) -> dict[str, Any]:
         **m.quant_settings(),
         "bias": m.bias is not None,
         "w_scale_shape": list(m.w_scale.shape),
+        # static activation scales: [text, visual] or, with MSQ's first_token, [text, visual, first]
+        **({"act_scales": int(m.act_scale.numel())} if m.act_scale is not None else {}),
     }
 
 

@@ -44,10 +44,11 @@ class _Decoder(nn.Module):
         seq = embeds.shape[1]
         if positions is None:  # M-RoPE families feed theirs (io/onnx_mrope.py)
             positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -seq:]
-        self.rows.visual = visual
+        if visual is not None:
+            self.rows.set_prefill(visual, attention_mask)
         out = self.language(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True)
-        self.rows.visual = None
+        self.rows.clear()
         hidden = out.last_hidden_state
         logits = self.head(hidden[:, -1] if last_only else hidden)
         present = []

@@ -6,11 +6,12 @@ written with torch's `quantized_decomposed` ops, which the dynamo ONNX exporter 
 QuantizeLinear / DequantizeLinear. The input path is QuantLinear's, as graph ops:
 - online Hadamard: x · (H_P ⊗ H_m) as two small MatMuls on x reshaped to [.., P, m] (no n×n constant);
 - RMS split: channel 0 runs in float as the rank-1 term x₀·w₀ (its weight column is zero in the codes);
-- MSQ's two scales: a per-row scale s_r (visual or text, chosen by the visual-token mask) divides x
+- MSQ's scales: a per-row scale s_r (visual or text, chosen by the visual-token mask; with MSQ's
+  first_token, each prefill row's first attended token takes the third scale) divides x
   before a scale-1 QuantizeLinear and multiplies the GEMM output. diag(s)·X·W = diag(s)·(X·W), so it
   is the same maths as ours, and the activation QDQ keeps a scalar scale (what the runtimes' int8
   MatMul fusions require). Rounding is ours: round(x / s) half to even, saturated to [-128, 127].
-Layers whose two scales are equal (vision tower, projector, decode steps) use the plain scalar QDQ.
+Layers whose scales are all equal (vision tower, projector) and decode steps use the plain scalar QDQ.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from mquant.core.actquant import ACT_QMAX, ACT_QMIN
 from mquant.core.hadamard import hadamard_decompose, hadamard_matrix
-from mquant.core.modality import TEXT, VISUAL, check_two_scales
+from mquant.core.modality import FIRST, TEXT, VISUAL
 from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
 
@@ -39,9 +40,19 @@ def _ops():
 
 @dataclass
 class RowModality:
-    """The visual-token mask [batch, seq] the wrapper sets before running the decoder; None in decode."""
+    """The masks [batch, seq] the prefill wrapper sets before running the decoder; None in decode.
+    `first`: each row's first attended token (the attention sink), for MSQ's first-token scale."""
 
     visual: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+
+    def set_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.visual = visual
+        # the first attended column of each (left-padded) row: where the running count of real tokens is 1
+        self.first = (attention_mask.cumsum(-1) == 1) & attention_mask.to(torch.bool)
+
+    def clear(self) -> None:
+        self.visual = self.first = None
 
 
 def hadamard_graph(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
@@ -100,24 +111,33 @@ def _qdq_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     rank1 = x[..., :1] * self.rms_w0 if self.rms_split else None
     # W stored transposed [in, out] with the scale on axis 1: DQ -> MatMul is the form the runtimes fuse.
     w = qd.dequantize_per_channel(self._onnx_qweight_t, self._onnx_w_scale, self._onnx_w_zero, 1, -128, 127, torch.int8)
-    rows = self._onnx_rows.visual if self._onnx_rows is not None else None
-    if rows is None:
+    s = _row_scales(self._onnx_scales, self._onnx_rows)
+    if s is None:
         y = torch.matmul(quant_dequant(x, self._onnx_scales[TEXT]), w)
     else:
-        s = torch.where(rows.unsqueeze(-1), self._onnx_scales[VISUAL], self._onnx_scales[TEXT])
         y = torch.matmul(quant_dequant(x / s, 1.0), w) * s
     if self.bias is not None:  # a bias of x's rank: ORT fuses MatMul + 1-D Add into a float Gemm
         y = y + self.bias.reshape((1,) * (x.dim() - 1) + (-1,))  # before its QDQ fusion could run
     return y if rank1 is None else y + rank1
 
 
+def _row_scales(scales: list[float], rows: RowModality | None) -> torch.Tensor | None:
+    """[batch, seq, 1] per-row scales, as mquant's row classes pick them (FIRST over VISUAL over TEXT);
+    None where every row takes the text scale (decode steps, layers with one distinct scale)."""
+    if rows is None or rows.visual is None:
+        return None
+    s = torch.where(rows.visual.unsqueeze(-1), scales[VISUAL], scales[TEXT])
+    if len(scales) > FIRST:
+        s = torch.where(rows.first.unsqueeze(-1), scales[FIRST], s)
+    return s
+
+
 def qdq_linear(layer: QuantLinear, rows: RowModality | None, hadamard_cache: dict) -> None:
     """Switch `layer` (of a private copy of the model) to its QDQ forward. `rows` is given for the
     layers whose MSQ scales differ; `hadamard_cache` shares one pair of factor matrices per size."""
-    check_two_scales(layer.name, layer.act_scale, "the ONNX export")
     scales = [float(v) for v in layer.act_scale.float()]
     layer._onnx_scales = scales
-    layer._onnx_rows = rows if scales[TEXT] != scales[VISUAL] else None
+    layer._onnx_rows = rows if len(set(scales)) > 1 else None
     layer._onnx_qweight_t = layer.qweight.t().contiguous()
     layer._onnx_w_scale = layer.w_scale.reshape(-1).float()
     layer._onnx_w_zero = torch.zeros(layer.out_features, dtype=torch.int64)

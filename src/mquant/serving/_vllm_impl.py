@@ -6,7 +6,7 @@
   `hf_to_vllm_mapper`, which vLLM hands over in `apply_vllm_mapper`) and answers `get_quant_method`.
 - `MQuantLinearMethod` (LinearMethodBase): creates our tensors as vLLM parameters — `qweight` (int8,
   4-bit codes packed two per byte along the input), `w_scale` (per channel or group), `act_scale`
-  ([text, visual] per shard), `rms_w0` (RMS split) — with weight loaders that place fused qkv /
+  ([text, visual] per shard, [text, visual, first] with MSQ's first_token), `rms_w0` (RMS split) — with weight loaders that place fused qkv /
   gate_up shards (vLLM's own loaders, via `output_dim`/`input_dim`) and tensor-parallel slices;
   flags (bits, activation mode, online Hadamard, RMS split) come from mquant_config.json.
   `process_weights_after_loading` builds our QuantLinear from them and attaches our integer kernel
@@ -18,6 +18,12 @@
   linears see; image placeholders keep their id there (vLLM masks them only when they are out of
   the vocabulary). This method records `isin(ids, image_token_ids)` in the model's shared
   ModalityContext, exactly like mquant's own pre-hook on `input_ids`; decode steps are text rows.
+- MSQ's first-token scale picks each prompt's first token (the attention sink) by position, as our
+  runtime does. Multimodal models embed before vLLM sets its forward context, so the embedding only
+  marks the mask pending; the first linear of the forward completes it from the attention metadata
+  (`query_start_loc`, `seq_lens`): a request whose scheduled tokens start at position 0 — its first
+  prefill chunk — has its first row FIRST. Prefix-cached first tokens are not recomputed; decode
+  steps and later chunks have none.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 import torch
 from torch.nn import Parameter
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -35,7 +42,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.model_executor.utils import set_weight_attrs
 
-from mquant.core.modality import ModalityContext, check_two_scales
+from mquant.core.modality import FIRST, ModalityContext
 from mquant.errors import ConfigError
 from mquant.io.native import CONFIG_NAME
 from mquant.serving.served import ServedModel, build_linear
@@ -50,6 +57,7 @@ class MQuantConfig(QuantizationConfig):
         self.entry = entry
         self.served: ServedModel | None = None
         self.ctx = ModalityContext()  # shared by every language linear of this model (MSQ)
+        self.first_rows_pending = False  # set per forward by the embedding, completed by the first linear
         self._to_vllm = None
 
     def get_name(self) -> str:
@@ -89,6 +97,7 @@ class MQuantConfig(QuantizationConfig):
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
         self.served = ServedModel.from_dir(model_name, hf_config)
         self.served.check_servable()
+        self.ctx.first_token = self.served.has_first_token_scales()
 
     def _model(self) -> ServedModel:
         if self.served is None:
@@ -102,19 +111,49 @@ class MQuantConfig(QuantizationConfig):
             shards = served.shards(prefix, self.packed_modules_mapping)
             return MQuantLinearMethod(self, shards) if shards else UnquantizedLinearMethod()
         if isinstance(layer, VocabParallelEmbedding) and not isinstance(layer, ParallelLMHead):
-            return ModalityMaskEmbedding(self.ctx, served.image_token_ids)
+            return ModalityMaskEmbedding(self, served.image_token_ids)
         return None
+
+    def complete_first_rows(self) -> None:
+        """Mark the first token of each request whose scheduled tokens start at position 0 (see the
+        module docstring); called by the first linear of a forward, inside vLLM's forward context."""
+        self.first_rows_pending = False
+        mask = self.ctx.visual_mask
+        meta = _attention_metadata()
+        if mask is None or meta is None:
+            return
+        starts = meta.query_start_loc.to(torch.long)
+        query = starts[1:] - starts[:-1]
+        new = starts[:-1][(meta.seq_lens.to(torch.long)[: query.numel()] == query) & (query > 0)]
+        if new.numel():
+            classes = mask.to(torch.int8)
+            classes[new.to(classes.device)] = FIRST
+            self.ctx.visual_mask = classes
+
+
+def _attention_metadata() -> Any:
+    """One layer's attention metadata of the current forward (every layer's has the same rows), or None."""
+    if not is_forward_context_available():
+        return None
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):  # micro-batches: not used with one request stream on CPU
+        meta = meta[0] if len(meta) == 1 else None
+    if isinstance(meta, dict):
+        meta = next(iter(meta.values()), None)
+    return meta if hasattr(meta, "query_start_loc") and hasattr(meta, "seq_lens") else None
 
 
 class ModalityMaskEmbedding(UnquantizedEmbeddingMethod):
-    def __init__(self, ctx: ModalityContext, image_token_ids: tuple[int, ...]):
+    def __init__(self, config: MQuantConfig, image_token_ids: tuple[int, ...]):
         super().__init__()
-        self.ctx = ctx
+        self.config = config
         self.ids = torch.tensor(image_token_ids, dtype=torch.long)
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
-        if self.ids.numel():
-            self.ctx.visual_mask = torch.isin(input_, self.ids.to(input_.device))
+        ctx = self.config.ctx
+        if self.ids.numel() or ctx.first_token:
+            ctx.visual_mask = torch.isin(input_, self.ids.to(input_.device))
+            self.config.first_rows_pending = ctx.first_token
         return super().embedding(layer, input_)
 
 
@@ -142,7 +181,8 @@ class MQuantLinearMethod(LinearMethodBase):
         scale_dims = {"output_dim": 0} | ({"input_dim": 1} if groups > 1 else {})
         self._add(layer, "w_scale", torch.empty(rows, local_groups, dtype=torch.float32), {**scale_dims, "weight_loader": loader, **attrs})
         if s["act_bits"] is not None and not s["act_dynamic"]:
-            self._add(layer, "act_scale", torch.zeros(len(self.shards), 2, dtype=torch.float32),
+            n_scales = int(s.get("act_scales", 2))  # [text, visual(, first)]; directories before the key: 2
+            self._add(layer, "act_scale", torch.zeros(len(self.shards), n_scales, dtype=torch.float32),
                       {"weight_loader": self._load_act_scale, **attrs})
         if s["rms_split"]:
             self._add(layer, "rms_w0", torch.empty(rows, dtype=torch.float32), {"output_dim": 0, "weight_loader": loader, **attrs})
@@ -155,11 +195,10 @@ class MQuantLinearMethod(LinearMethodBase):
         set_weight_attrs(param, {k: v for k, v in attrs.items() if v is not None})
 
     def _load_act_scale(self, param: Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        """[text, visual] of one shard (q/k/v or gate/up index; None: an unfused layer). Scales are
-        per tensor: every tensor-parallel rank takes them whole."""
+        """[text, visual(, first)] of one shard (q/k/v or gate/up index; None: an unfused layer). Scales
+        are per tensor: every tensor-parallel rank takes them whole."""
         index = _QKV.get(shard_id, shard_id) if shard_id is not None else 0
-        check_two_scales(", ".join(self.shards), loaded, "the vLLM plugin")
-        param.data[int(index)].copy_(loaded.reshape(-1).to(torch.float32).expand(2))
+        param.data[int(index)].copy_(loaded.reshape(-1).to(torch.float32).expand(param.shape[1]))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         tensors = {"qweight": layer.qweight.data, "w_scale": layer.w_scale.data,
@@ -181,6 +220,8 @@ class MQuantLinearMethod(LinearMethodBase):
         return scales.data[0].clone()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.config.first_rows_pending:
+            self.config.complete_first_rows()
         linear = layer.mquant_linear
         # vLLM passes the bias per call (None on tensor-parallel ranks > 0 or with skip_bias_add); the
         # QuantLinear's kernel adds the one it holds (vLLM's bias is a Parameter, or None)

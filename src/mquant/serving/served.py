@@ -30,7 +30,8 @@ from mquant.kernels.attach import attach_kernels
 from mquant.quantizers.quantizer import unpack_int4
 
 # Settings every shard of one fused engine linear must share: they read the same input.
-SHARED = ("weight_bits", "act_bits", "act_dynamic", "online_hadamard", "rms_split", "part", "bias", "in_features")
+SHARED = ("weight_bits", "act_bits", "act_dynamic", "online_hadamard", "rms_split", "part", "bias", "in_features",
+          "act_scales")
 # hf_config attributes that name image/video placeholder ids (directories saved before the entry)
 _PLACEHOLDER_ATTRS = ("image_token_id", "image_token_index", "video_token_id")
 
@@ -60,6 +61,10 @@ class ServedModel:
             raise ConfigError(f"{CONFIG_NAME} records structural transforms ({', '.join(self.structure)}: module swaps such as "
                               "LayerNorm→RMSNorm in a vision tower) that vLLM's model classes cannot take; quantize without "
                               "ln_to_rms/rotate on the vision tower (e.g. --method mquant with steps msq,online_hadamard,rms) to serve it")
+
+    def has_first_token_scales(self) -> bool:
+        """MSQ's first_token: some layer has a third static scale [text, visual, first]."""
+        return any(int(info.get("act_scales", 2)) > 2 for info in self.layers.values())
 
     def index(self, to_engine: Callable[[str], str | None] | None = None) -> dict[str, str]:
         """Engine module name -> our layer name (computed once)."""
@@ -115,7 +120,7 @@ def _placeholder_ids(hf_config: Any) -> tuple[int, ...]:
 def build_linear(settings: dict[str, Any], tensors: dict[str, torch.Tensor | None], out_features: int,
                  ctx: ModalityContext | None) -> QuantLinear:
     """Our QuantLinear for one engine linear from its loaded tensors: `qweight` (int8, or 4-bit packed
-    uint8), `w_scale`, `act_scale` [2] (static layers), `rms_w0` (RMS split). Integer kernels are
+    uint8), `w_scale`, `act_scale` [2] or [3] (static layers), `rms_w0` (RMS split). Integer kernels are
     attached where the layer has 8-bit activations (native CPU / Triton on CUDA, by the tensors' device)."""
     codes = tensors["qweight"]
     k_in = codes.shape[1] * (2 if settings["weight_bits"] == 4 else 1)
