@@ -63,7 +63,7 @@ def quantize(
     method: str = typer.Option("mquant", help="rtn | gptq | smoothquant | quarot | mquant"),
     act: Optional[str] = typer.Option(None, help="static | dynamic (default: static; dynamic for quarot)"),
     group_size: Optional[int] = typer.Option(None, help="Weight group size (default: per output channel)"),
-    observer: str = typer.Option("minmax", help="Activation observer: minmax | percentile | mse | auto (per layer, by validation error; needs --n-validation)"),
+    observer: Optional[str] = typer.Option(None, help="Activation observer: minmax | percentile | mse | auto (per layer, by validation error; needs --n-validation); default mse for mquant static, else minmax"),
     calib: str = typer.Option("default", help="'default' (easy-VQA train), a folder of images, a .jsonl of image+prompt, or a datasets name"),
     n_calib: int = typer.Option(32, help="Number of calibration samples"),
     seed: int = typer.Option(0, help="Calibration sample seed"),
@@ -71,7 +71,7 @@ def quantize(
     text_fraction: float = typer.Option(0.0, help="Share of calibration samples that are text-only chat turns"),
     decode_tokens: int = typer.Option(0, help="Greedy tokens of the float model appended to each sample (decode steps calibrated)"),
     n_validation: int = typer.Option(0, help="Held-out calibration samples: range overflow per layer in report.json, observer auto"),
-    first_token_scale: bool = typer.Option(False, "--first-token-scale", help="MSQ: a third static scale for each prompt's first token (the attention sink); mquant runtime only"),
+    first_token_scale: Optional[bool] = typer.Option(None, "--first-token-scale/--no-first-token-scale", help="MSQ: a third static scale for each prompt's first token (the attention sink); default on for mquant static"),
     out: Path = typer.Option(Path("mquant-out"), help="Output directory (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout"),
 ) -> None:

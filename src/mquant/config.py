@@ -331,11 +331,14 @@ def recipe_for(
     act: str | None = None,
     vision_scheme: str | None = None,
     group_size: int | None = None,
-    observer: str = "minmax",
-    first_token: bool = False,
+    observer: str | None = None,
+    first_token: bool | None = None,
 ) -> Recipe:
     """The standard recipe of a method. QuaRot defaults to dynamic per-token activations as in its
-    paper; every other method to static per-tensor scales. `first_token`: MSQ's first-token scale."""
+    paper; every other method to static per-tensor scales. MQuant static defaults to MSQ's
+    first-token scale and MSE-optimal clipping (`first_token` / `observer` None): together they hold
+    the easy-vqa-ood targets (BENCHMARKS.md, "The default: first-token scale + MSE clipping");
+    every other method to min-max."""
     if method not in METHODS:
         raise ConfigError(f"unknown method '{method}'; use one of {', '.join(METHODS)}")
     act = act or ("dynamic" if method == "quarot" else "static")
@@ -343,8 +346,12 @@ def recipe_for(
     vision = SchemeConfig.parse(vision_scheme or scheme, act, group_size)
     steps = {"smoothquant": ("smoothquant",), "quarot": QUAROT_STEPS, "mquant": MQUANT_STEPS}.get(method, ())
     weights = RTNConfig() if method in ("rtn", "smoothquant") else GPTQConfig()
+    mquant_static = "msq" in steps and act == "static"
+    observer = observer or ("mse" if mquant_static else "minmax")
+    if first_token is None:
+        first_token = mquant_static
     if first_token:
-        if "msq" not in steps or act != "static":
+        if not mquant_static:
             raise ConfigError("--first-token-scale is an MSQ static-scale option; use it with --method mquant --act static")
         steps = tuple(MSQConfig(first_token=True) if s == "msq" else s for s in steps)
     return Recipe(method=method, vision=vision, language=language, weights=weights, observer=observer, steps=steps)

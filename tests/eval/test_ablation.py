@@ -14,8 +14,11 @@ def test_ablation_rows_add_one_component_at_a_time():
     assert list(rows)[:4] == ["rtn", "smoothquant", "gptq", "quarot"] and list(rows)[-1] == "mquant"
     assert rows["quarot"].language.act_dynamic and not rows["mquant"].language.act_dynamic
     assert all(not r.language.act_dynamic for name, r in rows.items() if name != "quarot")
-    steps = [set(r.step_names) for name, r in rows.items() if name.startswith("+")] + [set(rows["mquant"].step_names)]
+    steps = [set(r.step_names) for name, r in rows.items() if name.startswith("+")]
     assert all(a < b for a, b in zip(steps, steps[1:])) and steps[-1] == set(MQUANT_STEPS)
+    # the default adds the first-token scale and MSE clipping to the paper's full recipe (`+rms`)
+    assert set(rows["mquant"].step_names) == set(MQUANT_STEPS) and rows["mquant"].step("msq").first_token
+    assert rows["mquant"].observer == "mse" and rows["+rms"].observer == "minmax" and not rows["+rms"].step("msq").first_token
     assert [n for n, _ in baseline_recipes("w8a8")] == ["rtn", "rtn-dynamic", "gptq", "gptq-dynamic"]
 
 

@@ -1,3 +1,4 @@
+from mquant.config import recipe_for
 from mquant.demo.easyvqa_ood import SUBSETS
 from mquant.eval.ablation import VariantResult, calibration_rows, markdown_table, recipes_for_rows
 from mquant.eval.easyvqa_ood import with_all_row
@@ -22,7 +23,11 @@ def test_all_row_weights_by_questions_and_table_has_a_column_per_subset():
 
 def test_calibration_rows_change_one_option_at_a_time():
     rows = {name: (recipe, calib) for name, recipe, calib in calibration_rows("w4a8", 16)}
-    base_recipe, base_calib = rows["mquant"]
+    base_recipe, base_calib = rows["mquant-minmax"]
+    assert base_recipe.observer == "minmax" and not base_recipe.step("msq").first_token
+    assert rows["mquant-first"][0].step("msq").first_token and rows["mquant-first"][0].observer == "minmax"
+    assert rows["mquant"][0] == recipe_for("mquant", "w4a8")  # the default: first-token scale + MSE clipping
+    assert rows["mquant"][0].observer == "mse" and rows["mquant"][0].step("msq").first_token
     assert rows["mquant-n64"][1].n_samples == 64 and rows["mquant-diverse"][1].prompts == "diverse"
     assert rows["mquant-decode4"][1].decode_tokens == 4 and rows["mquant-mse"][0].observer == "mse"
     assert rows["mquant-auto"][0].observer == "auto" and rows["mquant-auto"][1].n_validation > 0

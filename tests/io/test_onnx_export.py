@@ -115,10 +115,12 @@ def test_schemes_the_runtimes_cannot_run_fail_with_one_line(exported, tmp_path):
 
 
 def test_w4a8_exports_exactly_on_the_int8_kernels(tmp_path):
-    """4-bit codes in int8 tensors: ORT gives our W4A8 logits (same maths) on its int8 GEMMs."""
+    """4-bit codes in int8 tensors: ORT gives our W4A8 logits (same maths) on its int8 GEMMs.
+    Min-max scales: with MSE clipping a few activations of this tiny model sit exactly on a rounding
+    tie and an ulp of float-order difference flips a code (measured 1.3e-3; tests/kernels/test_attach.py)."""
     case = tiny_case("llava_dinov2")
     model = copy.deepcopy(case.model)
-    quantize(model, recipe_for("mquant", "w4a8"), [case.batch(batch_size=1, seed=0)])
+    quantize(model, recipe_for("mquant", "w4a8", observer="minmax"), [case.batch(batch_size=1, seed=0)])
     out = export_onnx(model, tmp_path / "w4a8")
     batch = case.batch(batch_size=2, seed=5, padding=True)
     last, new, mask, step = _two_steps(model, batch)

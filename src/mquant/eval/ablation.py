@@ -18,7 +18,7 @@ import torch
 
 from mquant.api import quantize
 from mquant.calib.data import build_calibration_inputs, split_validation
-from mquant.config import MQUANT_STEPS, CalibConfig, MSQConfig, Recipe, recipe_for
+from mquant.config import MQUANT_STEPS, CalibConfig, Recipe, recipe_for
 from mquant.core.sizes import stored_bytes
 from mquant.demo.easyvqa import load_split
 from mquant.errors import ConfigError
@@ -86,10 +86,10 @@ def ablation_recipes(scheme: str) -> list[tuple[str, Recipe]]:
     rows = [(m, recipe_for(m, scheme)) for m in ("rtn", "smoothquant", "gptq", "quarot")]
     # The ablation starts from the `gptq` row (GPTQ weights, static per-tensor activations).
     stages = [("+msq", ("msq",)), ("+aifs", ("msq", "aifs")),
-              ("+ln_to_rms+rotation", ("msq", "aifs", "ln_to_rms", "rotate", "online_hadamard"))]
+              ("+ln_to_rms+rotation", ("msq", "aifs", "ln_to_rms", "rotate", "online_hadamard")), ("+rms", MQUANT_STEPS)]
     for name, steps in stages:
         rows.append((name, replace(base, method="mquant", steps=steps)))
-    rows.append(("mquant", replace(recipe_for("mquant", scheme), steps=MQUANT_STEPS)))
+    rows.append(("mquant", recipe_for("mquant", scheme)))  # the default: + first-token scale, MSE clipping
     return rows
 
 
@@ -99,13 +99,16 @@ def baseline_recipes(scheme: str) -> list[tuple[str, Recipe]]:
 
 
 def calibration_rows(scheme: str, n_calib: int) -> list[Row]:
-    """Full MQuant with one robust-calibration option at a time (CalibConfig / observer), then all
-    of the chosen ones together (`mquant-robust`); measured on easy-vqa-ood."""
-    mquant = replace(recipe_for("mquant", scheme), steps=MQUANT_STEPS)
-    first = mquant.with_steps(*[MSQConfig(first_token=True) if s.name == "msq" else s for s in mquant.steps])
+    """MQuant's transforms with min-max [text, visual] scales (`mquant-minmax`, the paper's recipe and
+    our default before the robustness study) and one robust-calibration option at a time
+    (CalibConfig / observer / the first-token scale), the first-token scale combined with the best
+    of them — `mquant` (+ MSE clipping) is the default — and the calibration options together
+    (`mquant-robust`); measured on easy-vqa-ood."""
+    mquant = recipe_for("mquant", scheme, observer="minmax", first_token=False)
+    first = recipe_for("mquant", scheme, observer="minmax", first_token=True)
     base = CalibConfig(n_samples=n_calib)
     return [
-        ("mquant", mquant, base),
+        ("mquant-minmax", mquant, base),
         (f"mquant-n{4 * n_calib}", mquant, replace(base, n_samples=4 * n_calib)),
         ("mquant-diverse", mquant, replace(base, prompts="diverse")),
         ("mquant-diverse+text", mquant, replace(base, prompts="diverse", text_fraction=0.25)),
@@ -115,7 +118,7 @@ def calibration_rows(scheme: str, n_calib: int) -> list[Row]:
         ("mquant-auto", replace(mquant, observer="auto"), replace(base, n_validation=4)),
         ("mquant-first", first, base),
         # the first-token scale combined with the best single options of the W4A8 table
-        ("mquant-first+mse", replace(first, observer="mse"), base),
+        ("mquant", recipe_for("mquant", scheme), base),  # = first-token scale + MSE clipping (the default)
         ("mquant-first+diverse", first, replace(base, prompts="diverse")),
         (f"mquant-first+n{4 * n_calib}", first, replace(base, n_samples=4 * n_calib)),
         ("mquant-robust", mquant, ROBUST_CALIB),
