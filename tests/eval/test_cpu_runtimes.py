@@ -45,7 +45,7 @@ def test_default_model_answers_like_our_runtime(default_export, runtime, toleran
     recipe) and 3.2% (default recipe) from the reference. Not the export: this quantized model's
     logits follow the last bit of its float maths (our own fake-quant forward moves 4.2% under a
     one-ulp pixel change; our int8 kernels differ from it by 6.9% and answer one of these 12
-    questions differently, 2026-12-02) because activations at rounding ties flip codes (BENCHMARKS.md,
+    questions differently, 2026-12-02, benchmarks/diagnostics/ort_vs_reference.py) because activations at rounding ties flip codes (BENCHMARKS.md,
     ONNX section). So no relative bound below that spread holds for a correct runtime; 10% catches a
     real mismatch (a wrong scale or split moves it far more)."""
     model, processor, out, _ = default_export

@@ -67,16 +67,19 @@ def check_two_scales(name: str, scales: torch.Tensor | None, target: str) -> Non
                           "serve it with mquant's own runtime, or quantize without --first-token-scale")
 
 
+def first_attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool [batch, seq]: each row's first attended position (left padding: the first real token; it
+    is the attention sink), where the running count of real tokens reaches 1. Graph ops only: the
+    ONNX prefill graphs use it too."""
+    return (attention_mask.cumsum(-1) == 1) & attention_mask.to(torch.bool)
+
+
 def row_classes(visual: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """int8 [batch, seq] row classes of a prefill: VISUAL / TEXT, and FIRST on each row's first
-    attended position (left padding: the first real token; it is the attention sink)."""
+    """int8 [batch, seq] row classes of a prefill: VISUAL / TEXT, and FIRST on each row's
+    `first_attended` position."""
     classes = visual.to(torch.int8)
-    attended = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-    first = attended.to(torch.int8).argmax(dim=1)
-    rows = torch.arange(visual.shape[0], device=visual.device)
-    has_token = attended.any(dim=1)
-    classes[rows[has_token], first[has_token]] = FIRST
-    return classes
+    mask = torch.ones_like(visual, dtype=torch.long) if attention_mask is None else attention_mask
+    return classes.masked_fill(first_attended(mask), FIRST)
 
 
 def _is_prefill(kwargs: dict) -> bool:

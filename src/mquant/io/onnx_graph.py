@@ -23,7 +23,7 @@ import torch
 
 from mquant.core.actquant import ACT_QMAX, ACT_QMIN
 from mquant.core.hadamard import hadamard_decompose, hadamard_matrix
-from mquant.core.modality import FIRST, TEXT, VISUAL
+from mquant.core.modality import FIRST, TEXT, VISUAL, first_attended
 from mquant.core.qlinear import QuantLinear
 from mquant.errors import ConfigError
 
@@ -48,8 +48,7 @@ class RowModality:
 
     def set_prefill(self, visual: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.visual = visual
-        # the first attended column of each (left-padded) row: where the running count of real tokens is 1
-        self.first = (attention_mask.cumsum(-1) == 1) & attention_mask.to(torch.bool)
+        self.first = first_attended(attention_mask)
 
     def clear(self) -> None:
         self.visual = self.first = None
